@@ -1,0 +1,4 @@
+"""foveal: local- and sparse-attention vision backbones; importing it registers them in timm."""
+from . import kernels, layers
+
+__version__ = "0.1.0"
