@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .backends import Backend, BackendRegistry
 from .checks import check_axis_arg, check_bool_axis_arg, check_scale_arg, check_tensors
@@ -31,6 +32,15 @@ def _reference_probe(*tensors, **cfg) -> Optional[str]:
 
 NA_BACKENDS = BackendRegistry("neighborhood_attention")
 NA_BACKENDS.register(Backend("reference", _reference_probe, na_reference_fwd, na_reference_bwd))
+
+try:  # the Triton backend is optional: foveal imports without triton
+    from .neighborhood_triton import na_triton_bwd, na_triton_fwd, na_triton_probe
+except ImportError as _err:  # pragma: no cover - depends on the environment
+    from .backends import logger as _logger
+
+    _logger.debug("neighborhood_attention: Triton backend unavailable: %s", _err)
+else:
+    NA_BACKENDS.register(Backend("triton", na_triton_probe, na_triton_fwd, na_triton_bwd), first=True)
 
 
 # -- custom ops -----------------------------------------------------------------------------------
@@ -102,6 +112,48 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("foveal::na_fwd", _backward, setup_context=_setup_context)
+
+
+# -- FLOP counting --------------------------------------------------------------------------------
+# Convention of torch.utils.flop_counter (and of its scaled_dot_product_attention formulas): one
+# multiply-add = 2 FLOPs, and only the matmul-like products over attended (query, key) pairs count:
+# forward QK^T and PV = 2 * pairs * heads * (D + Dv) per batch element; backward dV, dP, dQ, dK =
+# twice that (the logits it recomputes are not counted, as for flash attention). Softmax, bias and
+# scale are not counted. Papers quoting fvcore "GFLOPs" count multiply-adds: halve these to compare.
+
+def _attended_pairs(spatial, kernel_size, dilation, stride, is_causal) -> int:
+    """Number of (query, key) neighbor pairs of one map (product over axes of per-axis counts)."""
+    pairs = 1
+    for length, k, d, s, causal in zip(spatial, kernel_size, dilation, stride, is_causal):
+        if not causal:
+            pairs *= length * k
+            continue
+        total = 0  # causal: end - start of SPEC section 1, summed over every dilation group
+        for g in range(d):
+            group_len = (length - g + d - 1) // d
+            for c in range(group_len):
+                leader = min((c // s) * s + s - 1, group_len - 1)
+                total += min(c + 1, group_len) - max(leader - k + 1, 0)
+        pairs *= total
+    return pairs
+
+
+def _na_flops(q_shape, v_shape, kernel_size, dilation, stride, is_causal) -> int:
+    batch, spatial, heads, head_dim = q_shape[0], q_shape[1:-2], q_shape[-2], q_shape[-1]
+    pairs = _attended_pairs(spatial, kernel_size, dilation, stride, is_causal)
+    return 2 * batch * heads * (head_dim + v_shape[-1]) * pairs
+
+
+@register_flop_formula(torch.ops.foveal.na_fwd)
+def _na_fwd_flop(q_shape, k_shape, v_shape, rpb_shape, kernel_size, dilation, stride, is_causal, scale, backend,
+                 out_shape=None, **kwargs) -> int:
+    return _na_flops(q_shape, v_shape, kernel_size, dilation, stride, is_causal)
+
+
+@register_flop_formula(torch.ops.foveal.na_bwd)
+def _na_bwd_flop(grad_out_shape, q_shape, k_shape, v_shape, rpb_shape, out_shape_, lse_shape, grad_lse_shape,
+                 kernel_size, dilation, stride, is_causal, scale, backend, out_shape=None, **kwargs) -> int:
+    return 2 * _na_flops(q_shape, v_shape, kernel_size, dilation, stride, is_causal)
 
 
 # -- public API -----------------------------------------------------------------------------------

@@ -1,1 +1,4 @@
 """foveal.layers: nn.Modules built on foveal.kernels (attention layers, positional terms, padding)."""
+from .neighborhood import NeighborhoodAttention2d
+
+__all__ = ["NeighborhoodAttention2d"]
