@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 __all__ = ["Backend", "BackendRegistry", "BACKEND_ENV", "logger"]
 
 BACKEND_ENV = "FOVEAL_BACKEND"
@@ -75,7 +77,8 @@ class BackendRegistry:
                 reason = backend.probe(*tensors, **cfg)
                 if reason is None:
                     return name
-                logger.debug("%s: backend %r declined: %s", self.op_name, name, reason)
+                if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
+                    logger.debug("%s: backend %r declined: %s", self.op_name, name, reason)
                 reasons.append(f"{name}: {reason}")
             raise NotImplementedError(
                 f"{self.op_name}: no backend can run this call ({'; '.join(reasons)}). "

@@ -1,96 +1,70 @@
 """Pure-PyTorch reference backend for neighborhood attention (NA / DiNA / GNA, 1-D/2-D/3-D).
 
-Exact (computes in float64 for float64 inputs, float32 otherwise) and memory-bounded: queries are
-processed in chunks, each chunk gathers only its own neighbors' keys and values, so the extra
-memory of one step is about ``CHUNK_ELEMENTS`` elements per gathered tensor whatever the map size.
-The backward recomputes the probabilities from the saved log-sum-exp, chunk by chunk, and
-scatters dK, dV and dRPB with ``index_add_`` (deterministic on CPU).
+Exact (float64 math for float64 inputs, float32 otherwise) and memory-bounded. It is organised
+like the fused kernel:
 
-When the window covers every axis (kernel == axis length, not causal) NA is dense attention with a
-relative bias; that case skips the gather.
+- Dilation: DiNA with dilation ``d`` is plain NA run independently on each interleaved sub-grid
+  ``x[g0::d0, g1::d1, ...]`` (ragged sub-grids included), so every group is a strided view, never
+  a copy.
+- Tiles: queries are processed in boxes of the (group) map. Window starts and ends never decrease
+  along an axis, so the keys of a query box lie in one box of keys; the tile is dense attention
+  of the query box against that key box, with the neighborhood as a mask and the relative bias
+  gathered per (query, key) pair. Each step holds about ``CHUNK_ELEMENTS`` logits, whatever the
+  map size.
+- Backward: recomputes the probabilities from the saved log-sum-exp tile by tile; dK and dV are
+  added into their key box, dRPB with ``index_add_`` (deterministic on CPU).
 
-The window rule (SPEC section 1) lives in :func:`axis_windows`; the Triton backend and the tests'
-oracle are checked against it.
+The window rule (SPEC section 1) lives in :func:`group_windows` / :func:`axis_windows`; the
+Triton backend and the tests' brute-force oracle are checked against it.
 """
 import math
+from itertools import product
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["axis_windows", "lse_dtype", "na_reference_fwd", "na_reference_bwd", "CHUNK_ELEMENTS"]
+__all__ = ["axis_windows", "group_windows", "lse_dtype", "na_reference_fwd", "na_reference_bwd", "CHUNK_ELEMENTS"]
 
-# Elements per gathered chunk tensor (64 MiB in float32): bounds the reference's extra memory.
-CHUNK_ELEMENTS = 1 << 24
+# Logits (batch x heads x queries x keys) per tile: bounds the reference's extra memory.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def group_windows(group_len: int, kernel: int, stride: int, causal: bool, device=None):
+    """``(start, end)``, each ``[group_len]`` int64: the key range ``[start, end)`` of every query of
+    one dilation group, in group coordinates. Both are non-decreasing along the axis."""
+    c = torch.arange(group_len, device=device)
+    if causal:
+        leader = torch.clamp((c // stride) * stride + stride - 1, max=group_len - 1)
+        start = (leader - kernel + 1).clamp(min=0)
+        end = c + 1
+    else:
+        leader = torch.clamp((c // stride) * stride + stride // 2, max=group_len - 1)
+        start = torch.clamp((leader - kernel // 2).clamp(min=0), max=group_len - kernel)
+        end = start + kernel
+    return start, end
 
 
 def axis_windows(length: int, kernel: int, dilation: int, stride: int, causal: bool, device=None):
-    """Neighbors of every query coordinate along one axis.
+    """Neighbors of every query coordinate along one axis, in map coordinates.
 
     Returns:
-        nbr: ``[length, kernel]`` int64 key coordinates (slots past a causal window's end repeat a
-            valid key and are flagged in ``valid``).
+        nbr: ``[length, kernel]`` int64 key coordinates (slots past a causal window's end repeat its
+            first key and are flagged in ``valid``).
         valid: ``[length, kernel]`` bool.
         rel: ``[length, kernel]`` int64 relative-bias index ``(key - query) / dilation + kernel - 1``.
     """
-    i = torch.arange(length, device=device)
-    group = i % dilation
-    c = i // dilation
-    group_len = (length - group + dilation - 1) // dilation
+    nbr = torch.empty(length, kernel, dtype=torch.long, device=device)
+    valid = torch.empty(length, kernel, dtype=torch.bool, device=device)
     slots = torch.arange(kernel, device=device)
-    if causal:
-        leader = torch.minimum((c // stride) * stride + stride - 1, group_len - 1)
-        start = (leader - kernel + 1).clamp(min=0)
-        end = torch.minimum(c + 1, group_len)
-    else:
-        leader = torch.minimum((c // stride) * stride + stride // 2, group_len - 1)
-        start = torch.minimum((leader - kernel // 2).clamp(min=0), group_len - kernel)
-        end = start + kernel
-    j = start[:, None] + slots[None, :]
-    valid = j < end[:, None]
-    j = torch.where(valid, j, start[:, None])
-    nbr = j * dilation + group[:, None]
-    rel = (nbr - i[:, None]) // dilation + kernel - 1
+    for g in range(dilation):
+        group_len = (length - g + dilation - 1) // dilation
+        start, end = group_windows(group_len, kernel, stride, causal, device)
+        j = start[:, None] + slots
+        ok = j < end[:, None]
+        nbr[g::dilation] = torch.where(ok, j, start[:, None]) * dilation + g
+        valid[g::dilation] = ok
+    rel = (nbr - torch.arange(length, device=device)[:, None]) // dilation + kernel - 1
     return nbr, valid, rel
-
-
-class _Windows:
-    """Per-axis window tables of one call, combined into flat key indices for a query chunk."""
-
-    def __init__(self, spatial, kernel_size, dilation, stride, is_causal, device):
-        self.spatial = tuple(spatial)
-        self.kernel_size = tuple(kernel_size)
-        self.tables = [
-            axis_windows(L, k, d, s, c, device)
-            for L, k, d, s, c in zip(spatial, kernel_size, dilation, stride, is_causal)
-        ]
-        self.masked = any(is_causal)
-        self.num_keys = math.prod(kernel_size)
-
-    def chunk(self, q_index: torch.Tensor):
-        """Flat key index, validity and flat RPB index, each ``[len(q_index), prod(kernel)]``."""
-        n = len(self.spatial)
-        coords = []
-        rest = q_index
-        for L in reversed(self.spatial):
-            coords.append(rest % L)
-            rest = rest // L
-        coords.reverse()
-        key = rel = valid = None
-        for a, ((nbr, val, rl), k, L) in enumerate(zip(self.tables, self.kernel_size, self.spatial)):
-            shape = [q_index.numel()] + [1] * n
-            shape[1 + a] = k
-            key_a = nbr[coords[a]].view(shape)
-            rel_a = rl[coords[a]].view(shape)
-            val_a = val[coords[a]].view(shape)
-            key = key_a if key is None else key * L + key_a
-            rel = rel_a if rel is None else rel * (2 * k - 1) + rel_a
-            valid = val_a if valid is None else valid & val_a
-        nq = q_index.numel()
-        return key.reshape(nq, -1), valid.reshape(nq, -1), rel.reshape(nq, -1)
-
-
-def _is_dense(spatial, kernel_size, is_causal) -> bool:
-    return not any(is_causal) and tuple(spatial) == tuple(kernel_size)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,23 +76,79 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """``[B, *spatial, h, D]`` -> ``[B, N, h, D]`` (a view whenever the strides allow it)."""
-    return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+class _Plan:
+    """Dilation groups and query tiles of one call, with each tile's key box, mask and bias index."""
+
+    def __init__(self, spatial, kernel_size, dilation, stride, is_causal, rows, device):
+        self.n = len(spatial)
+        self.spatial, self.kernel_size, self.dilation = tuple(spatial), tuple(kernel_size), tuple(dilation)
+        self.stride, self.is_causal, self.device = tuple(stride), tuple(is_causal), device
+        self.rows = rows  # batch * heads: logits per (query, key) pair
+        self._windows = {}
+
+    def _axis(self, a: int, group_len: int):
+        key = (a, group_len)
+        if key not in self._windows:
+            self._windows[key] = group_windows(group_len, self.kernel_size[a], self.stride[a], self.is_causal[a], self.device)
+        return self._windows[key]
+
+    def _tile_extents(self, group_lens):
+        """Query-box extent per axis: about twice the kernel, shrunk until the logits fit the budget."""
+        tile = [min(g, 2 * k) for g, k in zip(group_lens, self.kernel_size)]
+
+        def elements(t):
+            return self.rows * math.prod(t) * math.prod(min(g, x + k - 1 + s) for x, g, k, s in zip(t, group_lens, self.kernel_size, self.stride))
+
+        while elements(tile) > CHUNK_ELEMENTS and max(tile) > 1:
+            a = max(range(self.n), key=lambda i: tile[i])
+            tile[a] = (tile[a] + 1) // 2
+        return tile
+
+    def groups(self):
+        """Yields ``(slices, group_lens)``: the strided slice of one dilation group and its shape."""
+        for g in product(*[range(d) for d in self.dilation]):
+            lens = tuple((L - gi + d - 1) // d for L, gi, d in zip(self.spatial, g, self.dilation))
+            yield tuple(slice(gi, None, d) for gi, d in zip(g, self.dilation)), lens
+
+    def tiles(self, group_lens):
+        """Yields ``(q_slices, k_slices, mask [nq, nk] or None, rel [nq, nk])`` in group coordinates."""
+        tile = self._tile_extents(group_lens)
+        for origin in product(*[range(0, g, t) for g, t in zip(group_lens, tile)]):
+            q_sl, k_sl, masks, rels = [], [], [], []
+            for a, (c0, t, g) in enumerate(zip(origin, tile, group_lens)):
+                start, end = self._axis(a, g)
+                c1 = min(g, c0 + t)
+                j0, j1 = int(start[c0]), int(end[c1 - 1])
+                q_sl.append(slice(c0, c1))
+                k_sl.append(slice(j0, j1))
+                j = torch.arange(j0, j1, device=self.device)
+                masks.append((j >= start[c0:c1, None]) & (j < end[c0:c1, None]))
+                rels.append(j - torch.arange(c0, c1, device=self.device)[:, None] + self.kernel_size[a] - 1)
+            mask = rel = None
+            for a in range(self.n):
+                shape = [1] * (2 * self.n)
+                shape[a], shape[self.n + a] = masks[a].shape
+                m_a = masks[a].view(shape)
+                r_a = rels[a].clamp(0, 2 * self.kernel_size[a] - 2).view(shape)
+                mask = m_a if mask is None else mask & m_a
+                rel = r_a if rel is None else rel * (2 * self.kernel_size[a] - 1) + r_a
+            nq = math.prod(s.stop - s.start for s in q_sl)
+            mask, rel = mask.reshape(nq, -1), rel.reshape(nq, -1)
+            yield tuple(q_sl), tuple(k_sl), (None if bool(mask.all()) else mask), rel
 
 
-def _chunk_size(batch: int, keys: int, heads: int, head_dim: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, batch * keys * heads * max(head_dim, 1)))
+def _rows(x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """``[B, *box, h, D]`` -> ``[B, h, n, D]`` in the compute dtype."""
+    return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1]).transpose(1, 2).to(cd)
 
 
-def _dense_rel(spatial, kernel_size, device) -> torch.Tensor:
-    """``[N, N]`` flat RPB index of every (query, key) pair when the window is the whole map."""
-    rel = None
-    for L, k in zip(spatial, kernel_size):
-        i = torch.arange(L, device=device)
-        rel_a = i[None, :] - i[:, None] + k - 1
-        rel = rel_a if rel is None else (rel[:, None, :, None] * (2 * k - 1) + rel_a[None, :, None, :]).flatten(0, 1).flatten(1, 2)
-    return rel
+def _logits(qt, kt, scale, rpb_flat, rel, mask):
+    logits = torch.matmul(qt * scale, kt.transpose(-1, -2))  # [B, h, nq, nk]
+    if rpb_flat is not None:
+        logits = logits + rpb_flat[:, rel]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits
 
 
 def na_reference_fwd(
@@ -136,45 +166,24 @@ def na_reference_fwd(
 
     ``lse`` is float64 for float64 inputs and float32 otherwise (see :func:`lse_dtype`).
     """
-    spatial = q.shape[1:-2]
     B, heads, Dv = q.shape[0], q.shape[-2], v.shape[-1]
     cd = _compute_dtype(q.dtype)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    N = qf.shape[1]
-    out = torch.empty(B, N, heads, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, N, heads, dtype=lse_dtype(q.dtype), device=q.device)
+    out = q.new_empty(*q.shape[:-1], Dv)
+    lse = q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
     rpb_flat = None if rpb is None else rpb.reshape(heads, -1).to(cd)
-    dense = _is_dense(spatial, kernel_size, is_causal)
-    if dense:
-        kd, vd = kf.to(cd), vf.to(cd)
-        rel_all = None if rpb is None else _dense_rel(spatial, kernel_size, q.device)
-        step = _chunk_size(B, N, heads, 1)
-    else:
-        win = _Windows(spatial, kernel_size, dilation, stride, is_causal, q.device)
-        step = _chunk_size(B, win.num_keys, heads, max(q.shape[-1], Dv))
-    for s0 in range(0, N, step):
-        s1 = min(N, s0 + step)
-        qc = qf[:, s0:s1].to(cd) * scale
-        if dense:
-            logits = torch.einsum("bqhd,bkhd->bqhk", qc, kd)
-            if rpb_flat is not None:
-                logits = logits + rpb_flat[:, rel_all[s0:s1]].transpose(0, 1)
-        else:
-            key, valid, rel = win.chunk(torch.arange(s0, s1, device=q.device))
-            kg, vg = kf[:, key].to(cd), vf[:, key].to(cd)
-            logits = torch.einsum("bqhd,bqkhd->bqhk", qc, kg)
-            if rpb_flat is not None:
-                logits = logits + rpb_flat[:, rel].transpose(0, 1)
-            if win.masked:
-                logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-        m = torch.logsumexp(logits, dim=-1)
-        p = torch.exp(logits - m[..., None])
-        if dense:
-            out[:, s0:s1] = torch.einsum("bqhk,bkhd->bqhd", p, vd).to(q.dtype)
-        else:
-            out[:, s0:s1] = torch.einsum("bqhk,bqkhd->bqhd", p, vg).to(q.dtype)
-        lse[:, s0:s1] = m
-    return out.view(*q.shape[:-1], Dv), lse.view(q.shape[:-1])
+    plan = _Plan(q.shape[1:-2], kernel_size, dilation, stride, is_causal, B * heads, q.device)
+    for group, lens in plan.groups():
+        sel = (slice(None),) + group
+        qg, kg, vg, og, lg = q[sel], k[sel], v[sel], out[sel], lse[sel]
+        for q_sl, k_sl, mask, rel in plan.tiles(lens):
+            qi, ki = (slice(None),) + q_sl, (slice(None),) + k_sl
+            logits = _logits(_rows(qg[qi], cd), _rows(kg[ki], cd), scale, rpb_flat, rel, mask)
+            m = torch.logsumexp(logits, dim=-1)  # [B, h, nq]
+            o = torch.matmul(torch.exp(logits - m[..., None]), _rows(vg[ki], cd))  # [B, h, nq, Dv]
+            box = og[qi].shape
+            og[qi] = o.transpose(1, 2).reshape(box).to(q.dtype)
+            lg[qi] = m.transpose(1, 2).reshape(box[:-1]).to(lse.dtype)
+    return out, lse
 
 
 def na_reference_bwd(
@@ -197,64 +206,35 @@ def na_reference_bwd(
     ``grad_lse`` (optional, the gradient reaching the returned log-sum-exp) enters through
     ``delta = rowsum(dO * O) - dLSE``, since d lse / d logit = p.
     """
-    spatial = q.shape[1:-2]
-    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    B, heads = q.shape[0], q.shape[-2]
     cd = _compute_dtype(q.dtype)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    dof, of, lsef = _flat(grad_out), _flat(out), lse.reshape(B, -1, heads)
-    glsef = None if grad_lse is None else grad_lse.reshape(B, -1, heads)
-    N = qf.shape[1]
-    dq = torch.empty(B, N, heads, D, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(B, N, heads, D, dtype=cd, device=q.device)
-    dv = torch.zeros(B, N, heads, Dv, dtype=cd, device=q.device)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cd, device=v.device)
     rpb_flat = None if rpb is None else rpb.reshape(heads, -1).to(cd)
     drpb = None if rpb is None else torch.zeros_like(rpb_flat)
-    dense = _is_dense(spatial, kernel_size, is_causal)
-    if dense:
-        kd, vd = kf.to(cd), vf.to(cd)
-        rel_all = None if rpb is None else _dense_rel(spatial, kernel_size, q.device)
-        step = _chunk_size(B, N, heads, 1)
-    else:
-        win = _Windows(spatial, kernel_size, dilation, stride, is_causal, q.device)
-        step = _chunk_size(B, win.num_keys, heads, max(D, Dv))
-    for s0 in range(0, N, step):
-        s1 = min(N, s0 + step)
-        qc = qf[:, s0:s1].to(cd)
-        doc = dof[:, s0:s1].to(cd)
-        delta = (doc * of[:, s0:s1].to(cd)).sum(-1)
-        if glsef is not None:
-            delta = delta - glsef[:, s0:s1].to(cd)
-        if dense:
-            logits = torch.einsum("bqhd,bkhd->bqhk", qc * scale, kd)
-            if rpb_flat is not None:
-                rel = rel_all[s0:s1]
-                logits = logits + rpb_flat[:, rel].transpose(0, 1)
-            p = torch.exp(logits - lsef[:, s0:s1, :, None].to(cd))
-            dp = torch.einsum("bqhd,bkhd->bqhk", doc, vd)
-            ds = p * (dp - delta[..., None])
-            dq[:, s0:s1] = (torch.einsum("bqhk,bkhd->bqhd", ds, kd) * scale).to(q.dtype)
-            dk += torch.einsum("bqhk,bqhd->bkhd", ds, qc) * scale
-            dv += torch.einsum("bqhk,bqhd->bkhd", p, doc)
-        else:
-            key, valid, rel = win.chunk(torch.arange(s0, s1, device=q.device))
-            kg, vg = kf[:, key].to(cd), vf[:, key].to(cd)
-            logits = torch.einsum("bqhd,bqkhd->bqhk", qc * scale, kg)
-            if rpb_flat is not None:
-                logits = logits + rpb_flat[:, rel].transpose(0, 1)
-            if win.masked:
-                logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-            p = torch.exp(logits - lsef[:, s0:s1, :, None].to(cd))
-            dp = torch.einsum("bqhd,bqkhd->bqhk", doc, vg)
-            ds = p * (dp - delta[..., None])
-            dq[:, s0:s1] = (torch.einsum("bqhk,bqkhd->bqhd", ds, kg) * scale).to(q.dtype)
-            nk = key.numel()
-            dk.index_add_(1, key.reshape(-1), torch.einsum("bqhk,bqhd->bqkhd", ds, qc).reshape(B, nk, heads, D), alpha=scale)
-            dv.index_add_(1, key.reshape(-1), torch.einsum("bqhk,bqhd->bqkhd", p, doc).reshape(B, nk, heads, Dv))
-        if drpb is not None:
-            drpb.index_add_(1, rel.reshape(-1), ds.sum(0).transpose(0, 1).reshape(heads, -1))
-    dq = dq.view(q.shape)
-    dk = dk.to(k.dtype).view(k.shape)
-    dv = dv.to(v.dtype).view(v.shape)
+    delta = (grad_out.to(cd) * out.to(cd)).sum(-1)  # [B, *spatial, h]
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(cd)
+    plan = _Plan(q.shape[1:-2], kernel_size, dilation, stride, is_causal, B * heads, q.device)
+    for group, lens in plan.groups():
+        sel = (slice(None),) + group
+        qg, kg, vg, dog, lg, deltag = q[sel], k[sel], v[sel], grad_out[sel], lse[sel], delta[sel]
+        dqg, dkg, dvg = dq[sel], dk[sel], dv[sel]
+        for q_sl, k_sl, mask, rel in plan.tiles(lens):
+            qi, ki = (slice(None),) + q_sl, (slice(None),) + k_sl
+            qt, kt, vt, dot = _rows(qg[qi], cd), _rows(kg[ki], cd), _rows(vg[ki], cd), _rows(dog[qi], cd)
+            m = lg[qi].reshape(B, -1, heads).transpose(1, 2).to(cd)
+            dl = deltag[qi].reshape(B, -1, heads).transpose(1, 2)
+            p = torch.exp(_logits(qt, kt, scale, rpb_flat, rel, mask) - m[..., None])  # [B, h, nq, nk]
+            ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - dl[..., None])
+            box_q, box_k = dqg[qi].shape, dkg[ki].shape
+            dqg[qi] = (torch.matmul(ds, kt) * scale).transpose(1, 2).reshape(box_q).to(q.dtype)
+            dkg[ki] += (torch.matmul(ds.transpose(-1, -2), qt) * scale).transpose(1, 2).reshape(box_k)
+            dvg[ki] += torch.matmul(p.transpose(-1, -2), dot).transpose(1, 2).reshape(dvg[ki].shape)
+            if drpb is not None:
+                drpb.index_add_(1, rel.reshape(-1), ds.sum(0).reshape(heads, -1))
+    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     if drpb is not None:
         drpb = drpb.to(rpb.dtype).view(rpb.shape)
     return dq, dk, dv, drpb
