@@ -79,11 +79,11 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Plan:
     """Dilation groups and query tiles of one call, with each tile's key box, mask and bias index."""
 
-    def __init__(self, spatial, kernel_size, dilation, stride, is_causal, rows, device):
+    def __init__(self, spatial, kernel_size, dilation, stride, is_causal, batch, heads, device):
         self.n = len(spatial)
         self.spatial, self.kernel_size, self.dilation = tuple(spatial), tuple(kernel_size), tuple(dilation)
         self.stride, self.is_causal, self.device = tuple(stride), tuple(is_causal), device
-        self.rows = rows  # batch * heads: logits per (query, key) pair
+        self.batch, self.heads = batch, heads
         self._windows = {}
 
     def _axis(self, a: int, group_len: int):
@@ -93,26 +93,31 @@ class _Plan:
         return self._windows[key]
 
     def _tile_extents(self, group_lens):
-        """Query-box extent per axis: about twice the kernel, shrunk until the logits fit the budget."""
+        """Query-box extent per axis (about twice the kernel, shrunk until one batch element's
+        logits fit the budget) and the number of batch elements per step."""
         tile = [min(g, 2 * k) for g, k in zip(group_lens, self.kernel_size)]
 
         def elements(t):
-            return self.rows * math.prod(t) * math.prod(min(g, x + k - 1 + s) for x, g, k, s in zip(t, group_lens, self.kernel_size, self.stride))
+            keys = math.prod(min(g, x + k - 1 + s) for x, g, k, s in zip(t, group_lens, self.kernel_size, self.stride))
+            return self.heads * math.prod(t) * keys
 
         while elements(tile) > CHUNK_ELEMENTS and max(tile) > 1:
             a = max(range(self.n), key=lambda i: tile[i])
             tile[a] = (tile[a] + 1) // 2
-        return tile
+        return tile, max(1, min(self.batch, CHUNK_ELEMENTS // elements(tile)))
 
     def groups(self):
-        """Yields ``(slices, group_lens)``: the strided slice of one dilation group and its shape."""
+        """Yields ``(slices, group_lens)``: a batch slice of one dilation group's strided view
+        (``[batch, *spatial]`` slices) and the group's shape."""
         for g in product(*[range(d) for d in self.dilation]):
             lens = tuple((L - gi + d - 1) // d for L, gi, d in zip(self.spatial, g, self.dilation))
-            yield tuple(slice(gi, None, d) for gi, d in zip(g, self.dilation)), lens
+            step = self._tile_extents(lens)[1]
+            for b0 in range(0, self.batch, step):
+                yield (slice(b0, b0 + step),) + tuple(slice(gi, None, d) for gi, d in zip(g, self.dilation)), lens
 
     def tiles(self, group_lens):
         """Yields ``(q_slices, k_slices, mask [nq, nk] or None, rel [nq, nk])`` in group coordinates."""
-        tile = self._tile_extents(group_lens)
+        tile = self._tile_extents(group_lens)[0]
         for origin in product(*[range(0, g, t) for g, t in zip(group_lens, tile)]):
             q_sl, k_sl, masks, rels = [], [], [], []
             for a, (c0, t, g) in enumerate(zip(origin, tile, group_lens)):
@@ -173,9 +178,8 @@ def na_reference_fwd(
     out = q.new_empty(*q.shape[:-1], Dv)
     lse = q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
     rpb_flat = None if rpb is None else rpb.reshape(heads, -1).to(cd)
-    plan = _Plan(q.shape[1:-2], kernel_size, dilation, stride, is_causal, B * heads, q.device)
-    for group, lens in plan.groups():
-        sel = (slice(None),) + group
+    plan = _Plan(q.shape[1:-2], kernel_size, dilation, stride, is_causal, B, heads, q.device)
+    for sel, lens in plan.groups():
         qg, kg, vg, og, lg = q[sel], k[sel], v[sel], out[sel], lse[sel]
         for q_sl, k_sl, mask, rel in plan.tiles(lens):
             qi, ki = (slice(None),) + q_sl, (slice(None),) + k_sl
@@ -218,16 +222,15 @@ def na_reference_bwd(
     delta = (grad_out.to(cd) * out.to(cd)).sum(-1)  # [B, *spatial, h]
     if grad_lse is not None:
         delta = delta - grad_lse.to(cd)
-    plan = _Plan(q.shape[1:-2], kernel_size, dilation, stride, is_causal, B * heads, q.device)
-    for group, lens in plan.groups():
-        sel = (slice(None),) + group
+    plan = _Plan(q.shape[1:-2], kernel_size, dilation, stride, is_causal, B, heads, q.device)
+    for sel, lens in plan.groups():
         qg, kg, vg, dog, lg, deltag = q[sel], k[sel], v[sel], grad_out[sel], lse[sel], delta[sel]
         dqg, dkg, dvg = dq[sel], dk[sel], dv[sel]
         for q_sl, k_sl, mask, rel in plan.tiles(lens):
             qi, ki = (slice(None),) + q_sl, (slice(None),) + k_sl
             qt, kt, vt, dot = _rows(qg[qi], cd), _rows(kg[ki], cd), _rows(vg[ki], cd), _rows(dog[qi], cd)
-            m = lg[qi].reshape(B, -1, heads).transpose(1, 2).to(cd)
-            dl = deltag[qi].reshape(B, -1, heads).transpose(1, 2)
+            m = lg[qi].reshape(qg.shape[0], -1, heads).transpose(1, 2).to(cd)
+            dl = deltag[qi].reshape(qg.shape[0], -1, heads).transpose(1, 2)
             p = torch.exp(_logits(qt, kt, scale, rpb_flat, rel, mask) - m[..., None])  # [B, h, nq, nk]
             ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - dl[..., None])
             box_q, box_k = dqg[qi].shape, dkg[ki].shape
