@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import timm.data.auto_augment
 import torch.utils.data
-from PIL import Image
+from PIL import Image, ImageOps
 
 __all__ = [
     "DatasetProfile",
@@ -48,6 +49,32 @@ _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+def _pillow_rejects_zero_bit_posterize() -> bool:
+    try:
+        ImageOps.posterize(Image.new("L", (1, 1)), 0)
+    except ValueError:
+        return True
+    return False
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    # zero bits keep nothing: the black image older Pillow returned
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _TIMM_POSTERIZE(img, bits_to_keep, **kwargs)
+
+
+# timm's RandAugment "inc1" policies (every published recipe here) ask for 0-bit posterize at the top
+# magnitude; Pillow 13 raises on that, so about 1 image in 600 would crash a training run. The ops
+# are looked up in NAME_TO_OP when a transform is built, so the fix must be in before that.
+_TIMM_POSTERIZE = timm.data.auto_augment.posterize
+if _pillow_rejects_zero_bit_posterize():
+    for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if timm.data.auto_augment.NAME_TO_OP.get(_name) is _TIMM_POSTERIZE:
+            timm.data.auto_augment.NAME_TO_OP[_name] = _posterize
+
 _TRAIN_SPLITS = ("train", "training")
 _EVAL_SPLITS = ("test", "val", "valid", "validation", "eval", "evaluation")
 

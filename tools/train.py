@@ -329,6 +329,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _plain_state_dict(model) -> dict:
+    # safetensors stores each tensor once, contiguous: copy channels-last and tied weights apart
+    return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+
+
+def _load_weights(model, path: Path) -> None:
+    model.load_state_dict(safetensors.torch.load_file(str(path), device=str(next(model.parameters()).device)))
+
+
 class Checkpointer:
     """Writes checkpoint folders under ``<run>/checkpoints`` and the ``last`` pointer.
 
@@ -352,9 +361,10 @@ class Checkpointer:
             shutil.rmtree(tmp)
         tmp.mkdir()
         meta = {k: str(v) for k, v in metadata.items()}
-        safetensors.torch.save_model(model, str(tmp / CHECKPOINT_WEIGHTS), metadata=meta)
+        safetensors.torch.save_file(_plain_state_dict(model), str(tmp / CHECKPOINT_WEIGHTS), metadata=meta)
         if ema is not None:
-            safetensors.torch.save_model(ema.module, str(tmp / CHECKPOINT_EMA_WEIGHTS), metadata=meta)
+            safetensors.torch.save_file(_plain_state_dict(ema.module), str(tmp / CHECKPOINT_EMA_WEIGHTS),
+                                        metadata=meta)
         torch.save(training_state, tmp / CHECKPOINT_STATE)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -570,12 +580,12 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def load(self, ckpt_dir: Path):
-        safetensors.torch.load_model(self.model, str(ckpt_dir / CHECKPOINT_WEIGHTS), device=str(self.device))
+        _load_weights(self.model, ckpt_dir / CHECKPOINT_WEIGHTS)
         if self.ema is not None:
             ema_file = ckpt_dir / CHECKPOINT_EMA_WEIGHTS
             if not ema_file.is_file():
                 raise FileNotFoundError(f"--model-ema is on but {ema_file} does not exist")
-            safetensors.torch.load_model(self.ema.module, str(ema_file), device=str(self.device))
+            _load_weights(self.ema.module, ema_file)
         state = torch.load(ckpt_dir / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -875,7 +885,8 @@ def _export(model, folder: Path, data_config, num_classes, args):
     if tmp.exists():
         shutil.rmtree(tmp)
     data_cfg = {k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")}
-    save_for_hf(unwrap_model(model), str(tmp), safe_serialization=True, data_config=data_cfg)
+    model = unwrap_model(model).to(memory_format=torch.contiguous_format)  # safetensors wants contiguous
+    save_for_hf(model, str(tmp), safe_serialization=True, data_config=data_cfg)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
