@@ -15,7 +15,7 @@ which also pads maps smaller than kernel_size * dilation the way the published m
 model accepts any input size.
 """
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -148,6 +148,12 @@ class ConvTokenizer(nn.Module):
             device=None,
             dtype=None,
     ):
+        """
+        Args:
+            in_chans: Number of input image channels.
+            embed_dim: Number of output channels.
+            norm_layer: Normalization layer.
+        """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.proj = nn.Sequential(
@@ -172,6 +178,12 @@ class ConvDownsample(nn.Module):
             device=None,
             dtype=None,
     ):
+        """
+        Args:
+            dim: Number of input channels.
+            out_dim: Number of output channels.
+            norm_layer: Normalization layer.
+        """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.reduction = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False, **dd)
@@ -943,8 +955,11 @@ default_cfgs = generate_default_cfgs({
         crop_pct=1.0, interpolation='bilinear', mean=(0.2860,), std=(0.3530,), label_names=None, license='apache-2.0',
         paper_ids=None, origin_url=None),
     'test_nat': _cfg(
-        input_size=(3, 160, 160), pool_size=(5, 5), label_names=None, license='apache-2.0',
+        input_size=(3, 96, 96), pool_size=(3, 3), label_names=None, license='apache-2.0',
         paper_ids=None, origin_url=None),
+    'test_nat_isotropic': _cfg(
+        input_size=(3, 96, 96), pool_size=(6, 6), min_input_size=(3, 16, 16), first_conv='patch_embed.proj',
+        label_names=None, license='apache-2.0', paper_ids=None, origin_url=None),
 })
 
 _DINAT_224 = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 9, (1,) * 5)
@@ -1134,3 +1149,10 @@ def test_nat(pretrained=False, **kwargs) -> NAT:
         embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), kernel_size=3,
         dilations=((2,), (1,), (1, 2), (1,)), mlp_ratio=2., ls_init_value=1e-5)
     return _create_nat('test_nat', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_nat_isotropic(pretrained=False, **kwargs) -> NATIsotropic:
+    """Tiny isotropic NAT / DiNAT for tests, no weights."""
+    model_args = dict(embed_dim=32, depth=4, num_heads=1, kernel_size=3, dilations=(1, 2, 1, 2), mlp_ratio=2.)
+    return _create_nat_isotropic('test_nat_isotropic', pretrained=pretrained, **dict(model_args, **kwargs))
