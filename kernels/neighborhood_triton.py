@@ -1,0 +1,894 @@
+"""Fused Triton neighborhood attention (NA / DiNA / GNA, 1-D/2-D/3-D): forward and backward.
+
+Algorithm. Every rank is run as 3-D (missing axes have length 1). A dilation group (one residue
+per axis, SPEC section 1) is an independent dense sub-map, so dilation, ragged groups included,
+only changes the addressing: coordinates inside a group are ``c``, the tensor coordinate is
+``c * dilation + group``. Queries are processed in tiles that are boxes of the sub-map
+(``TX x TY x TZ``); the window start and end are monotone in the query coordinate, so the keys a
+tile needs form a box too (``[start(first), end(last))`` per axis, ``T + k - 1`` wide for
+stride 1). The forward streams that key box in blocks of ``BLOCK_N`` (flattened, or as lines of
+``WZ`` keys along z), computes ``S = Q K^T`` on tensor cores, masks every (query, key) pair with
+the exact window rule (per axis ``0 <= key - start(query) < end(query) - start(query)``, which
+also covers stride and causal), adds the relative positional bias by a gather from the ``rpb``
+table, and runs an online softmax in base 2. It saves the log-sum-exp; no ``N x k^n`` tensor is
+ever written.
+
+A window that covers the whole map (the 7x7 stage of NAT) is the same kernel with one tile per
+map, i.e. a dense fused attention. The backward is two kernels:
+
+- ``_na_bwd_dq`` (query tiles, as the forward) computes ``delta = rowsum(dO * O) - dLSE``,
+  recomputes ``P`` from the log-sum-exp, accumulates ``dQ`` and, when there is a bias, its
+  gradient. dRPB is fused: each key block is read as ``NL`` lines of ``WZ`` keys along z, so the
+  relative z offset of a (query, key) pair is ``key slot - query column + c``, the same on every
+  line. ``dS`` is permuted to rows (query line, key line) x columns (query z, key slot) and
+  multiplied by a one-hot Toeplitz matrix that sums each diagonal into its z offset; a second
+  one-hot product adds the rows into a ``[RXYP, RZP]`` register accumulator indexed by the (x, y)
+  offset. The one-hot operands are exact; ``dS`` enters as tf32 (finer than fp16/bf16 inputs) or
+  as tf32x3 for fp32 inputs. (1-D maps and tiles with fewer than 16 line pairs gather the
+  per-row shift instead.) Each program writes its accumulator once: into its own row of a
+  partial buffer summed in a fixed order when ``torch.are_deterministic_algorithms_enabled()``,
+  else with one ``atomic_add`` per entry. No (query, neighbor) tensor is ever stored.
+- ``_na_bwd_dkdv`` (key tiles) inverts the window rule in closed form (``_query_range``) to find
+  the box of queries that attend a key tile and accumulates ``dK`` and ``dV``.
+
+Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use tf32 tensor cores when
+``torch.backends.cuda.matmul.allow_tf32`` is set and exact fp32 products otherwise. Head dims are
+padded to a power of two (at least 16) and masked; every tail (map edges, ragged groups, partial
+key blocks) is masked, so any map size works.
+
+Tiles are chosen per problem by a small autotuner (``_tuned``) over ``_candidates`` and cached by
+shape; ``FOVEAL_NA_AUTOTUNE=0`` takes the first candidate. When ``TRITON_INTERPRET=1`` is set
+before triton is imported, the kernels run in Triton's interpreter and accept CPU tensors: that
+is how the CPU tests check them. Measured numbers per version: ``docs/benchmarks.md``.
+"""
+import contextlib
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from .backends import logger
+from .neighborhood_reference import lse_dtype
+
+__all__ = ["na_triton_probe", "na_triton_fwd", "na_triton_bwd", "MAX_HEAD_DIM", "MAX_RPB_SPAN", "MAX_RPB_ROW"]
+
+MAX_HEAD_DIM = 256
+# The fused dRPB keeps a padded [RXYP, RZP] table of relative offsets per program: bounds on it.
+MAX_RPB_SPAN = 4096
+MAX_RPB_ROW = 64
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    # Triton fixes interpreter mode when it is imported (its own library is jit-decorated too)
+    return isinstance(_na_fwd, InterpretedFunction)
+
+
+# -- device helpers -------------------------------------------------------------------------------
+
+@triton.jit
+def _window(c, group_len, kernel, stride, CAUSAL: tl.constexpr):
+    # SPEC section 1 window [start, end) of group coordinate c (tensor or scalar, c < group_len)
+    if CAUSAL:
+        leader = tl.minimum((c // stride) * stride + stride - 1, group_len - 1)
+        start = tl.maximum(leader - kernel + 1, 0)
+        end = tl.minimum(c + 1, group_len)
+    else:
+        leader = tl.minimum((c // stride) * stride + stride // 2, group_len - 1)
+        start = tl.minimum(tl.maximum(leader - kernel // 2, 0), group_len - kernel)
+        end = start + kernel
+    return start, end
+
+
+@triton.jit
+def _query_range(j0, j1, group_len, kernel, stride, CAUSAL: tl.constexpr):
+    # inclusive range of queries whose window holds a key in [j0, j1]: the window rule inverted
+    # (start and end are monotone in the query, so the answer is an interval)
+    if CAUSAL:
+        lo = j0
+        t = j1 + kernel - 1
+        hi = ((t - stride + 1) // stride) * stride + stride - 1
+        hi = tl.where(group_len - 1 <= t, group_len - 1, tl.minimum(hi, group_len - 1))
+    else:
+        wl = kernel // 2
+        a = j0 - kernel + 1 + wl - stride // 2
+        lo = tl.where(a > 0, ((a + stride - 1) // stride) * stride, 0)
+        lo = tl.where(j0 - kernel + 1 <= 0, 0, tl.minimum(lo, group_len - 1))
+        t = j1 + wl
+        hi = ((t - stride // 2) // stride) * stride + stride - 1
+        hi = tl.where((j1 >= group_len - kernel) | (group_len - 1 <= t), group_len - 1, tl.minimum(hi, group_len - 1))
+    return lo, hi
+
+
+@triton.jit
+def _row_mask(row_ok, offs, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    # [rows, BLOCK] access mask; when the head dim needs no padding it depends on the row only,
+    # which keeps the accesses vectorized (and the loads eligible for cp.async)
+    if DIM == BLOCK:
+        return row_ok[:, None]
+    else:
+        return row_ok[:, None] & (offs[None, :] < DIM)
+
+
+@triton.jit
+def _decompose_pid(pid, HEADS, n_tiles_x, n_tiles_y, n_tiles_z, DIL_X, DIL_Y, DIL_Z):
+    # program order: (batch, head) outermost, then dilation group, then tile (neighbours share keys)
+    n_tiles = n_tiles_x * n_tiles_y * n_tiles_z
+    t = pid % n_tiles
+    rest = pid // n_tiles
+    n_groups = DIL_X * DIL_Y * DIL_Z
+    g = rest % n_groups
+    bh = rest // n_groups
+    return (bh // HEADS, bh % HEADS,
+            g // (DIL_Y * DIL_Z), (g // DIL_Z) % DIL_Y, g % DIL_Z,
+            t // (n_tiles_y * n_tiles_z), (t // n_tiles_z) % n_tiles_y, t % n_tiles_z)
+
+
+@triton.jit
+def _box_block(it, x0, y0, z0, ex, ey, ez, n_zseg, BLOCK: tl.constexpr, WZ: tl.constexpr, NDIM: tl.constexpr):
+    # coordinates of block `it` of the box [x0, x0+ex) x [y0, y0+ey) x [z0, z0+ez):
+    # WZ > 0: BLOCK // WZ lines (x, y) of WZ slots along z (no division below 3-D);
+    # WZ == 0: the box flattened, z fastest (denser for windows that fit no power of two)
+    offs = tl.arange(0, BLOCK)
+    if WZ == 0:
+        slot = it * BLOCK + offs
+        cz = slot % ez
+        line = slot // ez
+    else:
+        NL: tl.constexpr = BLOCK // WZ
+        line = (it // n_zseg) * NL + offs // WZ
+        cz = (it % n_zseg) * WZ + offs % WZ
+    if NDIM == 3:
+        cx = line // ey
+        cy = line % ey
+    else:
+        cx = tl.zeros_like(line)
+        cy = line
+    valid = (line < ex * ey) & (cz < ez)
+    return x0 + cx, y0 + cy, z0 + cz, valid
+
+
+@triton.jit
+def _box_iters(ex, ey, ez, BLOCK: tl.constexpr, WZ: tl.constexpr):
+    if WZ == 0:
+        n_zseg = 1
+        n_it = tl.cdiv(ex * ey * ez, BLOCK)
+    else:
+        NL: tl.constexpr = BLOCK // WZ
+        n_zseg = tl.cdiv(ez, WZ)
+        n_it = tl.cdiv(ex * ey, NL) * n_zseg
+    return n_it, n_zseg
+
+
+@triton.jit
+def _pair_mask(kx, ky, kz, sx, sy, sz, wx, wy, wz, NDIM: tl.constexpr):
+    # k*: key coordinates [1 or N, ...]; s*/w*: window start / width of the paired query.
+    # One unsigned compare per axis: 0 <= key - start < width. A zero width masks the query.
+    m = (kz - sz).to(tl.uint32) < wz.to(tl.uint32)
+    if NDIM >= 2:
+        m = m & ((ky - sy).to(tl.uint32) < wy.to(tl.uint32))
+    if NDIM >= 3:
+        m = m & ((kx - sx).to(tl.uint32) < wx.to(tl.uint32))
+    return m
+
+
+@triton.jit
+def _rel_index(cx, cy, cz, KER_X, KER_Y, KER_Z):
+    # the coordinate-dependent part of the flat rpb index (key part minus query part)
+    RY = 2 * KER_Y - 1
+    RZ = 2 * KER_Z - 1
+    return (cx * RY + cy) * RZ + cz
+
+
+@triton.jit
+def _drpb_block(ds, acc, cz, x0q, y0q, z0q, it, n_zseg, kbx0, kby0, kbz0, ex, ey,
+                KER_X, KER_Y, KER_Z,
+                TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, BLOCK_N: tl.constexpr,
+                WZ: tl.constexpr, RXYP: tl.constexpr, RZP: tl.constexpr, NDIM: tl.constexpr,
+                DRPB_PREC: tl.constexpr):
+    # Adds this block's dS (zero off the windows) into acc[rel_xy, rel_z]. The block holds NL
+    # key lines of WZ keys along z. The relative z offset of query column mz and key slot zz is
+    # zz - mz + c, the same for every line: a one-hot Toeplitz product sums dS over (mz, zz) into
+    # rows (query line, key line); a second one-hot product adds the rows into their (x, y) offset.
+    NL: tl.constexpr = BLOCK_N // WZ
+    QL: tl.constexpr = TX * TY
+    zbase = kbz0 + (it % n_zseg) * WZ
+    if QL * NL >= 16 and TZ * WZ * RZP <= 8192:
+        h = tl.reshape(tl.permute(tl.reshape(ds, [QL, TZ, NL, WZ]), (0, 2, 1, 3)), [QL * NL, TZ * WZ])
+        t = tl.arange(0, TZ * WZ)
+        rel_z = (t % WZ) - (t // WZ) + (zbase - z0q + KER_Z - 1)
+        toeplitz = (rel_z[:, None] == tl.arange(0, RZP)[None, :]).to(tl.float32)
+        # [QL * NL, RZP]; the one-hot operand is exact; dS keeps tf32's 11 bits, finer than half inputs
+        h = tl.dot(h, toeplitz, input_precision=DRPB_PREC)
+    else:
+        # few rows (tl.dot needs 16) or a large Toeplitz operand: gather the per-row shift into columns
+        col = tl.arange(0, NL * RZP)
+        line_local = col // RZP
+        r = col % RZP
+        zz = cz[:, None] + r[None, :] - (KER_Z - 1) - zbase
+        ok = (zz >= 0) & (zz < WZ) & (r[None, :] < 2 * KER_Z - 1)
+        idx = line_local[None, :] * WZ + tl.where(ok, zz, 0)
+        g = tl.where(ok, tl.gather(ds, idx, axis=1), 0.0)
+        h = tl.reshape(tl.sum(tl.reshape(g, [QL, TZ, NL * RZP]), axis=1), [QL * NL, RZP])
+    if NDIM == 1:
+        acc += tl.sum(h, axis=0)[None, :]
+    else:
+        j = tl.arange(0, QL * NL)
+        qline = j // NL
+        line = (it // n_zseg) * NL + j % NL
+        rx = kbx0 + line // ey - (x0q + qline // TY) + KER_X - 1
+        ry = kby0 + line % ey - (y0q + qline % TY) + KER_Y - 1
+        ok_line = (line < ex * ey) & (rx >= 0) & (rx < 2 * KER_X - 1) & (ry >= 0) & (ry < 2 * KER_Y - 1)
+        rxy = rx * (2 * KER_Y - 1) + ry
+        onehot = ((tl.arange(0, RXYP)[:, None] == rxy[None, :]) & ok_line[None, :]).to(tl.float32)
+        if QL * NL >= 16:
+            acc += tl.dot(onehot, h, input_precision=DRPB_PREC)
+        else:
+            acc += tl.sum(onehot[:, :, None] * h[None, :, :], axis=1)
+    return acc
+
+
+# -- forward --------------------------------------------------------------------------------------
+
+@triton.jit
+def _na_fwd(
+    Q, K, V, RPB, O, LSE,  #
+    stride_qb, stride_qx, stride_qy, stride_qz, stride_qh, stride_qd,  #
+    stride_kb, stride_kx, stride_ky, stride_kz, stride_kh, stride_kd,  #
+    stride_vb, stride_vx, stride_vy, stride_vz, stride_vh, stride_vd,  #
+    stride_ob, stride_ox, stride_oy, stride_oz, stride_oh, stride_od,  #
+    stride_lb, stride_lx, stride_ly, stride_lz, stride_lh,  #
+    HEADS, SIZE_X, SIZE_Y, SIZE_Z,  #
+    KER_X, KER_Y, KER_Z, DIL_X, DIL_Y, DIL_Z, STR_X, STR_Y, STR_Z,  #
+    qk_scale, n_tiles_x, n_tiles_y, n_tiles_z,  #
+    CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr,  #
+    NDIM: tl.constexpr, HAS_RPB: tl.constexpr, SCALE_POSITIVE: tl.constexpr,  #
+    TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, BLOCK_N: tl.constexpr, WZ: tl.constexpr,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
+    DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = TX * TY * TZ
+    b, h, gx, gy, gz, tx, ty, tz = _decompose_pid(tl.program_id(0), HEADS, n_tiles_x, n_tiles_y, n_tiles_z,
+                                                  DIL_X, DIL_Y, DIL_Z)
+    lgx = (SIZE_X - gx + DIL_X - 1) // DIL_X
+    lgy = (SIZE_Y - gy + DIL_Y - 1) // DIL_Y
+    lgz = (SIZE_Z - gz + DIL_Z - 1) // DIL_Z
+
+    # query tile: group coordinates, validity, windows
+    m = tl.arange(0, BLOCK_M)
+    cx = tx * TX + m // (TY * TZ)
+    cy = ty * TY + (m // TZ) % TY
+    cz = tz * TZ + m % TZ
+    q_ok = (cx < lgx) & (cy < lgy) & (cz < lgz)
+    cx = tl.minimum(cx, lgx - 1)
+    cy = tl.minimum(cy, lgy - 1)
+    cz = tl.minimum(cz, lgz - 1)
+    sx, ex_q = _window(cx, lgx, KER_X, STR_X, CAUSAL_X)
+    sy, ey_q = _window(cy, lgy, KER_Y, STR_Y, CAUSAL_Y)
+    sz, ez_q = _window(cz, lgz, KER_Z, STR_Z, CAUSAL_Z)
+    wz = tl.where(q_ok, ez_q - sz, 0)
+
+    # the key box of the tile
+    kbx0, _ = _window(tl.minimum(tx * TX, lgx - 1), lgx, KER_X, STR_X, CAUSAL_X)
+    _, kbx1 = _window(tl.minimum(tx * TX + TX - 1, lgx - 1), lgx, KER_X, STR_X, CAUSAL_X)
+    kby0, _ = _window(tl.minimum(ty * TY, lgy - 1), lgy, KER_Y, STR_Y, CAUSAL_Y)
+    _, kby1 = _window(tl.minimum(ty * TY + TY - 1, lgy - 1), lgy, KER_Y, STR_Y, CAUSAL_Y)
+    kbz0, _ = _window(tl.minimum(tz * TZ, lgz - 1), lgz, KER_Z, STR_Z, CAUSAL_Z)
+    _, kbz1 = _window(tl.minimum(tz * TZ + TZ - 1, lgz - 1), lgz, KER_Z, STR_Z, CAUSAL_Z)
+    n_it, n_zseg = _box_iters(kbx1 - kbx0, kby1 - kby0, kbz1 - kbz0, BLOCK_N, WZ)
+
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_row = (cx * DIL_X + gx).to(tl.int64) * stride_qx + (cy * DIL_Y + gy) * stride_qy + (cz * DIL_Z + gz) * stride_qz
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_row[:, None] + offs_d[None, :] * stride_qd,
+                mask=_row_mask(q_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    if HAS_RPB:
+        rpb_base = RPB + h64 * ((2 * KER_X - 1) * (2 * KER_Y - 1) * (2 * KER_Z - 1))
+        q_rel = _rel_index(KER_X - 1 - cx, KER_Y - 1 - cy, KER_Z - 1 - cz, KER_X, KER_Y, KER_Z)
+
+    # without a bias the scale is applied inside exp2's FMA (the row max is taken unscaled)
+    PRESCALE: tl.constexpr = HAS_RPB or not SCALE_POSITIVE
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for it in range(0, n_it):
+        kx, ky, kz, k_ok = _box_block(it, kbx0, kby0, kbz0, kbx1 - kbx0, kby1 - kby0, kbz1 - kbz0, n_zseg, BLOCK_N, WZ, NDIM)
+        k_row = (kx * DIL_X + gx).to(tl.int64) * stride_kx + (ky * DIL_Y + gy) * stride_ky + (kz * DIL_Z + gz) * stride_kz
+        v_row = (kx * DIL_X + gx).to(tl.int64) * stride_vx + (ky * DIL_Y + gy) * stride_vy + (kz * DIL_Z + gz) * stride_vz
+        k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * stride_kd,
+                    mask=_row_mask(k_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        v = tl.load(v_base + v_row[:, None] + offs_dv[None, :] * stride_vd,
+                    mask=_row_mask(k_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_RPB:
+            rel = q_rel[:, None] + _rel_index(kx, ky, kz, KER_X, KER_Y, KER_Z)[None, :]
+        kz = tl.where(k_ok, kz, -(1 << 24))  # slots past the box fail the z test
+        inwin = _pair_mask(kx[None, :], ky[None, :], kz[None, :], sx[:, None], sy[:, None], sz[:, None],
+                           (ex_q - sx)[:, None], (ey_q - sy)[:, None], wz[:, None], NDIM)
+        if HAS_RPB:  # the masked load also masks: off-window logits get -inf
+            s = s * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+        elif PRESCALE:
+            s = tl.where(inwin, s * qk_scale, float("-inf"))
+        else:
+            s = tl.where(inwin, s, float("-inf"))
+        if PRESCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_row = (cx * DIL_X + gx).to(tl.int64) * stride_ox + (cy * DIL_Y + gy) * stride_oy + (cz * DIL_Z + gz) * stride_oz
+    tl.store(O + b64 * stride_ob + h64 * stride_oh + o_row[:, None] + offs_dv[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=_row_mask(q_ok, offs_dv, HEAD_DIM_V, BLOCK_DV))
+    l_row = (cx * DIL_X + gx).to(tl.int64) * stride_lx + (cy * DIL_Y + gy) * stride_ly + (cz * DIL_Z + gz) * stride_lz
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + l_row, lse, mask=q_ok)
+
+
+# -- backward -------------------------------------------------------------------------------------
+
+@triton.jit
+def _na_bwd_dq(
+    Q, K, V, RPB, O, DO, LSE, DLSE, DELTA, DQ, DRPB,  #
+    stride_qb, stride_qx, stride_qy, stride_qz, stride_qh, stride_qd,  #
+    stride_kb, stride_kx, stride_ky, stride_kz, stride_kh, stride_kd,  #
+    stride_vb, stride_vx, stride_vy, stride_vz, stride_vh, stride_vd,  #
+    stride_ob, stride_ox, stride_oy, stride_oz, stride_oh, stride_od,  #
+    stride_dob, stride_dox, stride_doy, stride_doz, stride_doh, stride_dod,  #
+    stride_lb, stride_lx, stride_ly, stride_lz, stride_lh,  #
+    stride_glb, stride_glx, stride_gly, stride_glz, stride_glh,  #
+    stride_dqb, stride_dqx, stride_dqy, stride_dqz, stride_dqh, stride_dqd,  #
+    HEADS, SIZE_X, SIZE_Y, SIZE_Z,  #
+    KER_X, KER_Y, KER_Z, DIL_X, DIL_Y, DIL_Z, STR_X, STR_Y, STR_Z,  #
+    qk_scale, scale, n_tiles_x, n_tiles_y, n_tiles_z,  #
+    CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr,  #
+    NDIM: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, DRPB_PARTIAL: tl.constexpr,  #
+    TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, BLOCK_N: tl.constexpr, WZ: tl.constexpr,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
+    DOT_PREC: tl.constexpr,  #
+    RXYP: tl.constexpr, RZP: tl.constexpr, DRPB_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = TX * TY * TZ
+    pid = tl.program_id(0)
+    b, h, gx, gy, gz, tx, ty, tz = _decompose_pid(pid, HEADS, n_tiles_x, n_tiles_y, n_tiles_z, DIL_X, DIL_Y, DIL_Z)
+    lgx = (SIZE_X - gx + DIL_X - 1) // DIL_X
+    lgy = (SIZE_Y - gy + DIL_Y - 1) // DIL_Y
+    lgz = (SIZE_Z - gz + DIL_Z - 1) // DIL_Z
+
+    m = tl.arange(0, BLOCK_M)
+    cx = tx * TX + m // (TY * TZ)
+    cy = ty * TY + (m // TZ) % TY
+    cz = tz * TZ + m % TZ
+    q_ok = (cx < lgx) & (cy < lgy) & (cz < lgz)
+    cx = tl.minimum(cx, lgx - 1)
+    cy = tl.minimum(cy, lgy - 1)
+    cz = tl.minimum(cz, lgz - 1)
+    sx, ex_q = _window(cx, lgx, KER_X, STR_X, CAUSAL_X)
+    sy, ey_q = _window(cy, lgy, KER_Y, STR_Y, CAUSAL_Y)
+    sz, ez_q = _window(cz, lgz, KER_Z, STR_Z, CAUSAL_Z)
+    wz = tl.where(q_ok, ez_q - sz, 0)  # zero width: tail queries get P = 0 (nothing reaches dRPB)
+
+    kbx0, _ = _window(tl.minimum(tx * TX, lgx - 1), lgx, KER_X, STR_X, CAUSAL_X)
+    _, kbx1 = _window(tl.minimum(tx * TX + TX - 1, lgx - 1), lgx, KER_X, STR_X, CAUSAL_X)
+    kby0, _ = _window(tl.minimum(ty * TY, lgy - 1), lgy, KER_Y, STR_Y, CAUSAL_Y)
+    _, kby1 = _window(tl.minimum(ty * TY + TY - 1, lgy - 1), lgy, KER_Y, STR_Y, CAUSAL_Y)
+    kbz0, _ = _window(tl.minimum(tz * TZ, lgz - 1), lgz, KER_Z, STR_Z, CAUSAL_Z)
+    _, kbz1 = _window(tl.minimum(tz * TZ + TZ - 1, lgz - 1), lgz, KER_Z, STR_Z, CAUSAL_Z)
+    n_it, n_zseg = _box_iters(kbx1 - kbx0, kby1 - kby0, kbz1 - kbz0, BLOCK_N, WZ)
+
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ix = (cx * DIL_X + gx).to(tl.int64)
+    iy = cy * DIL_Y + gy
+    iz = cz * DIL_Z + gz
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + (ix * stride_qx + iy * stride_qy + iz * stride_qz)[:, None]
+                + offs_d[None, :] * stride_qd, mask=_row_mask(q_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + (ix * stride_dox + iy * stride_doy + iz * stride_doz)[:, None]
+                 + offs_dv[None, :] * stride_dod, mask=_row_mask(q_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + (ix * stride_ox + iy * stride_oy + iz * stride_oz)[:, None]
+                + offs_dv[None, :] * stride_od, mask=_row_mask(q_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b64 * stride_glb + h64 * stride_glh + ix * stride_glx + iy * stride_gly + iz * stride_glz,
+                         mask=q_ok, other=0.0).to(tl.float32)
+    # delta is kept contiguous [B, heads, X, Y, Z] for the dK/dV kernel
+    tl.store(DELTA + (b64 * HEADS + h64) * (SIZE_X * SIZE_Y * SIZE_Z) + (ix * SIZE_Y + iy) * SIZE_Z + iz, delta, mask=q_ok)
+    lse2 = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + ix * stride_lx + iy * stride_ly + iz * stride_lz,
+                   mask=q_ok, other=0.0) * 1.4426950408889634
+
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    if HAS_RPB:
+        rpb_base = RPB + h64 * ((2 * KER_X - 1) * (2 * KER_Y - 1) * (2 * KER_Z - 1))
+        q_rel = _rel_index(KER_X - 1 - cx, KER_Y - 1 - cy, KER_Z - 1 - cz, KER_X, KER_Y, KER_Z)
+        drpb_acc = tl.zeros([RXYP, RZP], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for it in range(0, n_it):
+        kx, ky, kz, k_ok = _box_block(it, kbx0, kby0, kbz0, kbx1 - kbx0, kby1 - kby0, kbz1 - kbz0, n_zseg, BLOCK_N, WZ, NDIM)
+        k_row = (kx * DIL_X + gx).to(tl.int64) * stride_kx + (ky * DIL_Y + gy) * stride_ky + (kz * DIL_Z + gz) * stride_kz
+        v_row = (kx * DIL_X + gx).to(tl.int64) * stride_vx + (ky * DIL_Y + gy) * stride_vy + (kz * DIL_Z + gz) * stride_vz
+        k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * stride_kd, mask=_row_mask(k_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        v = tl.load(v_base + v_row[:, None] + offs_dv[None, :] * stride_vd, mask=_row_mask(k_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_RPB:
+            rel = q_rel[:, None] + _rel_index(kx, ky, kz, KER_X, KER_Y, KER_Z)[None, :]
+        kz = tl.where(k_ok, kz, -(1 << 24))
+        inwin = _pair_mask(kx[None, :], ky[None, :], kz[None, :], sx[:, None], sy[:, None], sz[:, None],
+                           (ex_q - sx)[:, None], (ey_q - sy)[:, None], wz[:, None], NDIM)
+        if HAS_RPB:
+            s = s * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+        else:
+            s = tl.where(inwin, s * qk_scale, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if HAS_RPB:
+            drpb_acc = _drpb_block(ds, drpb_acc, cz, tx * TX, ty * TY, tz * TZ, it, n_zseg, kbx0, kby0, kbz0,
+                                   kbx1 - kbx0, kby1 - kby0, KER_X, KER_Y, KER_Z,
+                                   TX, TY, TZ, BLOCK_N, WZ, RXYP, RZP, NDIM, DRPB_PREC)
+
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + (ix * stride_dqx + iy * stride_dqy + iz * stride_dqz)[:, None]
+             + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), mask=_row_mask(q_ok, offs_d, HEAD_DIM, BLOCK_D))
+    if HAS_RPB:
+        RZ = 2 * KER_Z - 1
+        n_rel = (2 * KER_X - 1) * (2 * KER_Y - 1) * RZ
+        rows = tl.arange(0, RXYP)[:, None]
+        cols = tl.arange(0, RZP)[None, :]
+        r_ok = (rows < (2 * KER_X - 1) * (2 * KER_Y - 1)) & (cols < RZ)
+        if DRPB_PARTIAL:
+            tl.store(DRPB + pid.to(tl.int64) * n_rel + rows * RZ + cols, drpb_acc, mask=r_ok)
+        else:
+            tl.atomic_add(DRPB + h64 * n_rel + rows * RZ + cols, drpb_acc, mask=r_ok, sem="relaxed")
+
+
+@triton.jit
+def _na_bwd_dkdv(
+    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,  #
+    stride_qb, stride_qx, stride_qy, stride_qz, stride_qh, stride_qd,  #
+    stride_kb, stride_kx, stride_ky, stride_kz, stride_kh, stride_kd,  #
+    stride_vb, stride_vx, stride_vy, stride_vz, stride_vh, stride_vd,  #
+    stride_dob, stride_dox, stride_doy, stride_doz, stride_doh, stride_dod,  #
+    stride_lb, stride_lx, stride_ly, stride_lz, stride_lh,  #
+    stride_dkb, stride_dkx, stride_dky, stride_dkz, stride_dkh, stride_dkd,  #
+    stride_dvb, stride_dvx, stride_dvy, stride_dvz, stride_dvh, stride_dvd,  #
+    HEADS, SIZE_X, SIZE_Y, SIZE_Z,  #
+    KER_X, KER_Y, KER_Z, DIL_X, DIL_Y, DIL_Z, STR_X, STR_Y, STR_Z,  #
+    qk_scale, scale, n_tiles_x, n_tiles_y, n_tiles_z,  #
+    CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr,  #
+    NDIM: tl.constexpr, HAS_RPB: tl.constexpr,  #
+    TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, BLOCK_N: tl.constexpr, WZ: tl.constexpr,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
+    DOT_PREC: tl.constexpr,
+):
+    # key tile major: T* is the key tile, BLOCK_N the query block
+    BLOCK_M: tl.constexpr = TX * TY * TZ
+    b, h, gx, gy, gz, tx, ty, tz = _decompose_pid(tl.program_id(0), HEADS, n_tiles_x, n_tiles_y, n_tiles_z,
+                                                  DIL_X, DIL_Y, DIL_Z)
+    lgx = (SIZE_X - gx + DIL_X - 1) // DIL_X
+    lgy = (SIZE_Y - gy + DIL_Y - 1) // DIL_Y
+    lgz = (SIZE_Z - gz + DIL_Z - 1) // DIL_Z
+
+    m = tl.arange(0, BLOCK_M)
+    jx = tx * TX + m // (TY * TZ)
+    jy = ty * TY + (m // TZ) % TY
+    jz = tz * TZ + m % TZ
+    k_ok = (jx < lgx) & (jy < lgy) & (jz < lgz)
+    jz_m = tl.where(k_ok, jz, -(1 << 24))  # tail keys match no query
+
+    qbx0, qbx1 = _query_range(tl.minimum(tx * TX, lgx - 1), tl.minimum(tx * TX + TX - 1, lgx - 1), lgx, KER_X, STR_X, CAUSAL_X)
+    qby0, qby1 = _query_range(tl.minimum(ty * TY, lgy - 1), tl.minimum(ty * TY + TY - 1, lgy - 1), lgy, KER_Y, STR_Y, CAUSAL_Y)
+    qbz0, qbz1 = _query_range(tl.minimum(tz * TZ, lgz - 1), tl.minimum(tz * TZ + TZ - 1, lgz - 1), lgz, KER_Z, STR_Z, CAUSAL_Z)
+    n_it, n_zseg = _box_iters(qbx1 - qbx0 + 1, qby1 - qby0 + 1, qbz1 - qbz0 + 1, BLOCK_N, WZ)
+
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ix = (jx * DIL_X + gx).to(tl.int64)
+    iy = jy * DIL_Y + gy
+    iz = jz * DIL_Z + gz
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + (ix * stride_kx + iy * stride_ky + iz * stride_kz)[:, None]
+                + offs_d[None, :] * stride_kd, mask=_row_mask(k_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + (ix * stride_vx + iy * stride_vy + iz * stride_vz)[:, None]
+                + offs_dv[None, :] * stride_vd, mask=_row_mask(k_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    lse_base = LSE + b64 * stride_lb + h64 * stride_lh
+    delta_base = DELTA + (b64 * HEADS + h64) * (SIZE_X * SIZE_Y * SIZE_Z)
+    if HAS_RPB:
+        rpb_base = RPB + h64 * ((2 * KER_X - 1) * (2 * KER_Y - 1) * (2 * KER_Z - 1))
+        k_rel = _rel_index(jx + KER_X - 1, jy + KER_Y - 1, jz + KER_Z - 1, KER_X, KER_Y, KER_Z)
+
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for it in range(0, n_it):
+        qx, qy, qz, q_ok = _box_block(it, qbx0, qby0, qbz0, qbx1 - qbx0 + 1, qby1 - qby0 + 1, qbz1 - qbz0 + 1,
+                                      n_zseg, BLOCK_N, WZ, NDIM)
+        qx = tl.minimum(qx, lgx - 1)
+        qy = tl.minimum(qy, lgy - 1)
+        qz = tl.minimum(qz, lgz - 1)
+        rx = (qx * DIL_X + gx).to(tl.int64)
+        ry = qy * DIL_Y + gy
+        rz = qz * DIL_Z + gz
+        qt = tl.load(q_base + (rx * stride_qx + ry * stride_qy + rz * stride_qz)[:, None] + offs_d[None, :] * stride_qd,
+                     mask=_row_mask(q_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        dot_ = tl.load(do_base + (rx * stride_dox + ry * stride_doy + rz * stride_doz)[:, None] + offs_dv[None, :] * stride_dod,
+                       mask=_row_mask(q_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+        lse2 = tl.load(lse_base + rx * stride_lx + ry * stride_ly + rz * stride_lz, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + (rx * SIZE_Y + ry) * SIZE_Z + rz, mask=q_ok, other=0.0)
+        st = tl.dot(k, tl.trans(qt), input_precision=DOT_PREC)  # [keys, queries]
+        if HAS_RPB:
+            rel = k_rel[:, None] - _rel_index(qx, qy, qz, KER_X, KER_Y, KER_Z)[None, :]
+        sx, ex_q = _window(qx, lgx, KER_X, STR_X, CAUSAL_X)
+        sy, ey_q = _window(qy, lgy, KER_Y, STR_Y, CAUSAL_Y)
+        sz, ez_q = _window(qz, lgz, KER_Z, STR_Z, CAUSAL_Z)
+        wz = tl.where(q_ok, ez_q - sz, 0)
+        inwin = _pair_mask(jx[:, None], jy[:, None], jz_m[:, None], sx[None, :], sy[None, :], sz[None, :],
+                           (ex_q - sx)[None, :], (ey_q - sy)[None, :], wz[None, :], NDIM)
+        if HAS_RPB:
+            st = st * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+        else:
+            st = tl.where(inwin, st * qk_scale, float("-inf"))
+        pt = tl.math.exp2(st - lse2[None, :])
+        dv += tl.dot(pt.to(dot_.dtype), dot_, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(dot_), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), qt, input_precision=DOT_PREC)
+
+    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + (ix * stride_dkx + iy * stride_dky + iz * stride_dkz)[:, None]
+             + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=_row_mask(k_ok, offs_d, HEAD_DIM, BLOCK_D))
+    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + (ix * stride_dvx + iy * stride_dvy + iz * stride_dvz)[:, None]
+             + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=_row_mask(k_ok, offs_dv, HEAD_DIM_V, BLOCK_DV))
+
+
+# -- host side ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Geometry:
+    """One call mapped to 3-D (missing leading axes have length 1)."""
+
+    ndim: int
+    sizes: tuple
+    kernel: tuple
+    dilation: tuple
+    stride: tuple
+    causal: tuple
+
+    @property
+    def group_sizes(self) -> tuple:  # the largest dilation group per axis
+        return tuple(-(-L // d) for L, d in zip(self.sizes, self.dilation))
+
+    @property
+    def rel_shape(self) -> tuple:
+        return tuple(2 * k - 1 for k in self.kernel)
+
+
+def _geometry(q, kernel_size, dilation, stride, is_causal) -> _Geometry:
+    return _geometry_of(tuple(q.shape[1:-2]), tuple(kernel_size), tuple(dilation), tuple(stride), tuple(is_causal))
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry_of(spatial, kernel_size, dilation, stride, is_causal) -> _Geometry:
+    n = len(spatial)
+    pad = 3 - n
+    return _Geometry(
+        ndim=n,
+        sizes=(1,) * pad + spatial,
+        kernel=(1,) * pad + tuple(int(k) for k in kernel_size),
+        dilation=(1,) * pad + tuple(int(d) for d in dilation),
+        stride=(1,) * pad + tuple(int(s) for s in stride),
+        causal=(False,) * pad + tuple(bool(c) for c in is_causal),
+    )
+
+
+def _strides(t: torch.Tensor, n: int, with_last: bool = True) -> tuple:
+    """Strides of ``[B, *spatial, h(, D)]`` as (b, x, y, z, h(, d)), 0 for the missing axes."""
+    s = t.stride()
+    spatial = (0,) * (3 - n) + tuple(s[1:1 + n])
+    return (s[0],) + spatial + tuple(s[1 + n:]) if with_last else (s[0],) + spatial + (s[1 + n],)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _rpb_pads(geo: _Geometry) -> tuple:
+    rx, ry, rz = geo.rel_shape
+    rxyp = 1 if geo.ndim == 1 else max(16, _next_pow2(rx * ry))
+    return rxyp, max(16, _next_pow2(rz))
+
+
+@dataclass(frozen=True)
+class _Config:
+    tile: tuple  # (TX, TY, TZ)
+    block_n: int
+    wz: int  # 0: key box flattened; > 0: lines of wz keys along z
+    num_warps: int
+    num_stages: int
+
+    def n_tiles(self, geo: _Geometry) -> tuple:
+        return tuple(-(-g // t) for g, t in zip(geo.group_sizes, self.tile))
+
+
+# Query (or key) tile shapes per rank, best first: boxes keep the key box of a tile small; small
+# tiles waste fewer masked slots, larger ones re-read fewer keys.
+_TILES = {
+    1: ((1, 1, 64), (1, 1, 128)),
+    2: ((1, 8, 8), (1, 4, 8), (1, 8, 16), (1, 16, 16)),
+    3: ((2, 4, 8), (1, 8, 8), (2, 8, 8)),
+}
+
+
+def _fit_tile(tile, geo: _Geometry) -> tuple:
+    # no axis of the tile longer than the (largest) group needs, and at least 16 rows for tl.dot
+    tile = [min(t, _next_pow2(g)) for t, g in zip(tile, geo.group_sizes)]
+    while math.prod(tile) < 16:
+        a = max(range(3), key=lambda i: (geo.group_sizes[i] > tile[i], i))
+        tile[a] *= 2
+    return tuple(tile)
+
+
+def _box_extent(tile, geo: _Geometry) -> tuple:
+    """Extent of a tile's key box (or of a key tile's query box) away from the borders."""
+    return tuple(min(t + k - 1, g) for t, k, g in zip(tile, geo.kernel, geo.group_sizes))
+
+
+def _layouts(tile, geo: _Geometry, big_d: bool) -> list:
+    """(block_n, wz, padded slots) of a tile's box: per block size the line layout with the fewest
+    padded slots, kept within 15% of the best, and the flattened layout when it pads 15% less
+    (lines need no integer division, so they win ties)."""
+    ex, ey, ez = _box_extent(tile, geo)
+    lines = ex * ey
+    block_ns = (64,) if big_d or geo.ndim == 1 else (32, 64)
+    per_bn, flat = [], None
+    for bn in block_ns:
+        best = None
+        for wz in (8, 16, 32, 64, 128):
+            if wz > bn or (wz > 8 and wz // 2 >= ez):
+                continue
+            nl = bn // wz
+            slots = -(-lines // nl) * nl * -(-ez // wz) * wz
+            if best is None or slots < best[2]:
+                best = (bn, wz, slots)
+        per_bn.append(best)
+        slots = -(-(lines * ez) // bn) * bn
+        if flat is None or slots < flat[2]:
+            flat = (bn, 0, slots)
+    fewest = min(x[2] for x in per_bn)
+    out = [x for x in per_bn if x[2] <= 1.15 * fewest]
+    if flat[2] < 0.85 * fewest:
+        out.append(flat)
+    return out
+
+
+def _candidates(kind: str, geo: _Geometry, head_dim: int, has_rpb: bool) -> list:
+    """The autotuning space of one kernel for one problem (first = the untuned default)."""
+    out = []
+    big_d = head_dim > 64
+    for tile in _TILES[geo.ndim]:
+        if big_d and math.prod(tile) < 64:
+            continue
+        tile = _fit_tile(tile, geo)
+        bm = math.prod(tile)
+        warps = 8 if bm * max(head_dim, 64) >= 128 * 128 else 4
+        if kind == "dq" and has_rpb:
+            # lines along z for the fused dRPB: at least 16 (query line, key line) pairs a block
+            wz = min(_next_pow2(_box_extent(tile, geo)[2]), 128)
+            nl = 1 if geo.ndim == 1 else max(1, 16 // (tile[0] * tile[1]))
+            out.append(_Config(tile, max(16, wz * nl), wz, warps, 2))
+            continue
+        for bn, wz, slots in _layouts(tile, geo, big_d):
+            stages = 1 if slots <= bn else (2 if big_d or slots <= 2 * bn else 3)  # short loops: less smem
+            out.append(_Config(tile, bn, wz, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+_TUNED: dict = {}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FOVEAL_NA_AUTOTUNE", "1") != "0"
+
+
+def _tuned(key, candidates, launch) -> _Config:
+    """Best config for ``key``: ``candidates()`` timed once with do_bench, then cached."""
+    best = _TUNED.get(key)
+    if best is not None:
+        return best
+    configs = candidates()
+    if _interpreting() or len(configs) == 1 or not _autotune_enabled():
+        best = configs[0]
+    else:
+        times = []
+        for cfg in configs:
+            try:
+                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median"))
+            except triton.runtime.errors.OutOfResources:
+                times.append(float("inf"))
+        best = configs[min(range(len(configs)), key=times.__getitem__)]
+        logger.debug("neighborhood triton autotune %s: %s", key,
+                     ", ".join(f"{c.tile}/{c.block_n}/{c.wz}/w{c.num_warps}s{c.num_stages}={t:.4f}ms"
+                               for c, t in zip(configs, times)))
+    _TUNED[key] = best
+    return best
+
+
+def _rpb_log2(rpb: torch.Tensor) -> torch.Tensor:
+    # the kernels work in base 2: the bias table enters pre-multiplied by log2(e), in float32
+    return (rpb.to(torch.float32) * _LOG2E).contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _problem_key(kind, q, v, geo, has_rpb, extra=()):
+    return (kind, geo, tuple(q.shape), v.shape[-1], q.dtype, has_rpb, _dot_precision(q.dtype)) + tuple(extra)
+
+
+def _common_args(geo: _Geometry, heads: int):
+    return (heads, *geo.sizes, *geo.kernel, *geo.dilation, *geo.stride)
+
+
+def _grid(cfg: _Config, geo: _Geometry, batch: int, heads: int) -> tuple:
+    return (batch * heads * math.prod(geo.dilation) * math.prod(cfg.n_tiles(geo)),)
+
+
+def _block_d(d: int) -> int:
+    return max(16, _next_pow2(d))
+
+
+def na_triton_probe(q, k, v, rpb, *, kernel_size, dilation, stride, is_causal) -> Optional[str]:
+    """None when the Triton backend can run the call, otherwise the reason it cannot."""
+    if q.device.type == "cpu":
+        if not _interpreting():
+            if os.environ.get("TRITON_INTERPRET", "0") == "1":
+                return ("CPU tensors need Triton's interpreter, but TRITON_INTERPRET=1 was set after triton was "
+                        "imported; set it before the first import")
+            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
+    elif q.device.type != "cuda":
+        return f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device={q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"supports float16, bfloat16 and float32, got dtype={q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim must be <= {MAX_HEAD_DIM}, got q.shape[-1]={q.shape[-1]}, v.shape[-1]={v.shape[-1]}"
+    if rpb is not None:
+        geo = _geometry(q, kernel_size, dilation, stride, is_causal)
+        rxyp, rzp = _rpb_pads(geo)
+        if rzp > MAX_RPB_ROW or rxyp * rzp > MAX_RPB_SPAN:
+            return (f"the fused dRPB holds at most {MAX_RPB_SPAN} padded relative offsets, at most {MAX_RPB_ROW} "
+                    f"along the last axis, got rpb.shape={list(rpb.shape)} ({rxyp} x {rzp} padded)")
+    return None
+
+
+def na_triton_fwd(q, k, v, rpb, kernel_size: Sequence[int], dilation: Sequence[int], stride: Sequence[int],
+                  is_causal: Sequence[bool], scale: float, *, out=None, lse=None):
+    """Returns ``(out [B, *spatial, h, Dv] in q.dtype, lse [B, *spatial, h])``.
+
+    ``out`` and ``lse`` may be given (any strides); every element is written.
+    """
+    geo = _geometry(q, kernel_size, dilation, stride, is_causal)
+    n = geo.ndim
+    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    if out is None:
+        out = torch.empty(*q.shape[:-1], Dv, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(q.shape[:-1], dtype=lse_dtype(q.dtype), device=q.device)
+    if q.numel() == 0 or v.numel() == 0:
+        return out, lse
+    rpb_c = _rpb_log2(rpb) if rpb is not None else q.new_empty(0)
+    prec = _dot_precision(q.dtype)
+
+    def launch(cfg: _Config):
+        _na_fwd[_grid(cfg, geo, B, heads)](
+            q, k, v, rpb_c, out, lse,
+            *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False),
+            *_common_args(geo, heads), scale * _LOG2E, *cfg.n_tiles(geo),
+            *geo.causal, n, rpb is not None, scale > 0,
+            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        cfg = _tuned(_problem_key("fwd", q, v, geo, rpb is not None),
+                     lambda: _candidates("fwd", geo, max(D, Dv), rpb is not None), launch)
+        launch(cfg)
+    return out, lse
+
+
+def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Sequence[int], dilation: Sequence[int],
+                  stride: Sequence[int], is_causal: Sequence[bool], scale: float, *, dq=None, dk=None, dv=None):
+    """Returns ``(dq, dk, dv, drpb)``; ``drpb`` (dtype of ``rpb``) is None when ``rpb`` is None.
+
+    ``dq``, ``dk`` and ``dv`` may be given (any strides); every element is written.
+    """
+    geo = _geometry(q, kernel_size, dilation, stride, is_causal)
+    n = geo.ndim
+    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    has_rpb = rpb is not None
+    if q.numel() == 0 or v.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), (torch.zeros_like(rpb) if has_rpb else None)
+    prec = _dot_precision(q.dtype)
+    rpb_c = _rpb_log2(rpb) if has_rpb else q.new_empty(0)
+    delta = torch.empty(B, heads, *geo.sizes, dtype=torch.float32, device=q.device)
+    glse = grad_lse if grad_lse is not None else lse
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    rxyp, rzp = _rpb_pads(geo) if has_rpb else (1, 1)
+    n_rel = math.prod(geo.rel_shape)
+    drpb_buf = {}
+
+    def drpb_target(cfg: _Config):
+        # deterministic: one row per program, summed below in a fixed order; else atomics into [h, n_rel]
+        if not has_rpb:
+            return q.new_empty(0, dtype=torch.float32)
+        if deterministic:
+            rows = _grid(cfg, geo, B, heads)[0]
+            return torch.empty(rows, n_rel, dtype=torch.float32, device=q.device)
+        return torch.zeros(heads, n_rel, dtype=torch.float32, device=q.device)
+
+    def launch_dq(cfg: _Config):
+        drpb_buf[cfg] = buf = drpb_target(cfg)
+        _na_bwd_dq[_grid(cfg, geo, B, heads)](
+            q, k, v, rpb_c, out, grad_out, lse, glse, delta, dq, buf,
+            *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(grad_out, n),
+            *_strides(lse, n, False), *_strides(glse, n, False), *_strides(dq, n),
+            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo),
+            *geo.causal, n, has_rpb, grad_lse is not None, deterministic,
+            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec, rxyp, rzp,
+            "tf32x3" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def launch_dkdv(cfg: _Config):
+        _na_bwd_dkdv[_grid(cfg, geo, B, heads)](
+            q, k, v, rpb_c, grad_out, lse, delta, dk, dv,
+            *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(grad_out, n), *_strides(lse, n, False),
+            *_strides(dk, n), *_strides(dv, n),
+            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo),
+            *geo.causal, n, has_rpb,
+            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    extra = (grad_lse is not None, deterministic)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        cfg_dq = _tuned(_problem_key("dq", q, v, geo, has_rpb, extra), lambda: _candidates("dq", geo, max(D, Dv), has_rpb),
+                        launch_dq)
+        launch_dq(cfg_dq)  # the run that counts (delta and dRPB come from it)
+        cfg_kv = _tuned(_problem_key("dkdv", q, v, geo, has_rpb, extra),
+                        lambda: _candidates("dkdv", geo, max(D, Dv), has_rpb), launch_dkdv)
+        launch_dkdv(cfg_kv)
+    drpb = None
+    if has_rpb:
+        buf = drpb_buf[cfg_dq]
+        total = buf.view(B, heads, -1, n_rel).sum((0, 2)) if deterministic else buf
+        drpb = total.view(rpb.shape).to(rpb.dtype)
+    return dq, dk, dv, drpb

@@ -1,0 +1,380 @@
+"""The Triton neighborhood-attention backend against the oracle and the reference.
+
+CPU tests run the kernels through Triton's interpreter at tiny shapes with small forced tiles, so
+maps span several tiles and key boxes several blocks. Triton fixes interpreter mode when it is
+first imported, so in an ordinary run ``test_interpreter_suite`` runs them in a subprocess with
+``TRITON_INTERPRET=1`` (``TRITON_INTERPRET=1 pytest tests/test_neighborhood_triton.py`` runs them
+directly). GPU tests (``pytest -m gpu``) run the compiled kernels at real sizes in every dtype.
+"""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import foveal.kernels.neighborhood_triton as nt  # noqa: E402
+from foveal.kernels import NA_BACKENDS, neighborhood_attention  # noqa: E402
+from foveal.kernels.neighborhood_reference import na_reference_bwd, na_reference_fwd  # noqa: E402
+from na_oracle import oracle  # noqa: E402
+
+INTERPRETED = nt._interpreting()
+interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 in test_interpreter_suite")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"interpreter tests failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_probe_declines_cpu_without_interpreter(monkeypatch):
+    if INTERPRETED:
+        pytest.skip("the interpreter accepts CPU tensors")
+    x = torch.randn(1, 6, 6, 2, 16)
+    cfg = dict(kernel_size=(3, 3), dilation=(1, 1), stride=(1, 1), is_causal=(False, False))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in nt.na_triton_probe(x, x, x, None, **cfg)
+    assert NA_BACKENDS.choose("auto", x, x, x, None, **cfg) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "before the first import" in nt.na_triton_probe(x, x, x, None, **cfg)
+
+
+# Small tiles per rank (the interpreter ignores the tensor-core minimums), so every case tiles.
+SMALL_TILES = {1: (1, 1, 16), 2: (1, 4, 4), 3: (2, 2, 4)}
+
+
+def _small_candidates(variant: int):
+    """A candidate generator that forces one small config; ``variant`` picks the block layout."""
+
+    def candidates(kind, geo, head_dim, has_rpb):
+        tile = SMALL_TILES[geo.ndim]
+        if kind == "dq" and has_rpb:
+            ez = min(tile[2] + geo.kernel[2] - 1, geo.group_sizes[2])
+            wz = nt._next_pow2(ez)
+            nl = 1 if geo.ndim == 1 else (4 if variant % 2 else 2)  # one-hot dot vs broadcast sum
+            return [nt._Config(tile, wz * nl, wz, 4, 1)]
+        if variant % 3 == 0:  # the key (query) box flattened
+            return [nt._Config(tile, 16, 0, 4, 1)]
+        return [nt._Config(tile, 16, 8 if variant % 3 == 1 else 4, 4, 1)]  # lines of 8 or 4 keys along z
+
+    return candidates
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setattr(nt, "_TUNED", {})
+
+    def use(variant=0):
+        monkeypatch.setattr(nt, "_candidates", _small_candidates(variant))
+
+    use()
+    return use
+
+
+def _tuple(x, n):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
+
+
+def _inputs(shape, heads, d, dv, rpb, kernel, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    n = len(shape)
+    q = torch.randn(1, *shape, heads, d, generator=g)
+    k = torch.randn(1, *shape, heads, d, generator=g)
+    v = torch.randn(1, *shape, heads, dv, generator=g)
+    r = torch.randn(heads, *[2 * x - 1 for x in _tuple(kernel, n)], generator=g) if rpb else None
+    move = lambda t: None if t is None else t.to(device=device, dtype=dtype if t is not r else t.dtype)  # noqa: E731
+    return move(q), move(k), move(v), (None if r is None else r.to(device))
+
+
+def _check_against_oracle(shape, kernel, dilation=1, stride=1, causal=False, rpb=False, d=8, dv=None, heads=2,
+                          with_lse_grad=False, seed=0):
+    n = len(shape)
+    dv = d if dv is None else dv
+    kernel, dilation, stride, causal = (_tuple(kernel, n), _tuple(dilation, n), _tuple(stride, n), _tuple(causal, n))
+    q, k, v, r = _inputs(shape, heads, d, dv, rpb, kernel, seed)
+    leaves = [t.requires_grad_() for t in (q, k, v) + ((r,) if rpb else ())]
+    out, lse = neighborhood_attention(q, k, v, kernel, dilation, stride, causal, rpb=r, return_lse=True,
+                                      backend="triton")
+    g = torch.Generator().manual_seed(seed + 1)
+    go, gl = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    loss = (out * go).sum() + ((lse * gl).sum() if with_lse_grad else 0)
+    grads = torch.autograd.grad(loss, leaves)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64, lse64 = oracle(*leaves64[:3], kernel, dilation, stride, causal, leaves64[3] if rpb else None, None)
+    loss64 = (out64 * go.double()).sum() + ((lse64 * gl.double()).sum() if with_lse_grad else 0)
+    grads64 = torch.autograd.grad(loss64, leaves64)
+
+    torch.testing.assert_close(out.double(), out64.detach(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double(), lse64.detach(), rtol=0, atol=2e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, grads64):
+        err = (a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)
+        assert err < 2e-5, f"{name}: relative error {err:.2e}"
+
+
+CASES = [
+    # (shape, kernel, dilation, stride, causal, rpb, d, dv)
+    ((9,), 4, 2, 1, False, True, 8, 8),  # even kernel, dilation not dividing the axis
+    ((12,), 5, 1, 3, False, False, 16, 8),  # GNA stride, Dv != D
+    ((11,), 3, 2, 1, True, True, 8, 8),  # causal, ragged groups
+    ((7,), 7, 1, 1, False, True, 8, 8),  # kernel == axis
+    ((7, 5), (3, 5), 1, 1, False, True, 8, 8),  # non-square, kernel == axis on one axis
+    ((8, 10), 3, (2, 3), 1, False, True, 4, 4),  # dilation per axis, ragged (10 = 3 * 3 + 1)
+    ((6, 7), (4, 2), 1, (2, 1), (True, False), False, 8, 16),  # even kernels, stride, causal on one axis
+    ((8, 6), (5, 3), 1, 3, False, True, 8, 8),  # stride with bias
+    ((5, 5), 5, 1, 1, False, True, 16, 16),  # window = whole map
+    ((8, 7), 3, 1, 1, True, True, 8, 8),  # causal on both axes with bias
+    ((4, 5, 6), (2, 3, 3), (1, 1, 2), 1, False, True, 8, 8),
+    ((3, 4, 6), 3, 1, (1, 2, 1), (True, False, False), False, 8, 8),
+    ((4, 4, 5), (4, 2, 3), (1, 2, 1), 1, False, False, 8, 4),
+    ((40,), 31, 1, 1, False, True, 8, 8),  # large windows: key blocks inside every window skip the mask
+    ((10, 10), 9, 1, 1, False, True, 8, 8),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_oracle(interpret, case):
+    shape, kernel, dilation, stride, causal, rpb, d, dv = CASES[case]
+    interpret(case)
+    _check_against_oracle(shape, kernel, dilation, stride, causal, rpb, d, dv, with_lse_grad=case % 4 == 1, seed=case)
+
+
+def _random_case(rng):
+    n = rng.choice([1, 2, 2, 3])
+    shape = [rng.randint(3, 10) if n < 3 else rng.randint(2, 5) for _ in range(n)]
+    kernel, dilation, stride, causal = [], [], [], []
+    for L in shape:
+        kk = rng.randint(2, L)
+        kernel.append(kk)
+        dilation.append(rng.randint(1, L // kk))
+        stride.append(rng.randint(1, kk) if rng.random() < 0.3 else 1)
+        causal.append(rng.random() < 0.2)
+    return dict(shape=tuple(shape), kernel=kernel, dilation=dilation, stride=stride, causal=causal,
+                rpb=rng.random() < 0.5, d=rng.choice([4, 8, 16]), heads=rng.choice([1, 2]),
+                with_lse_grad=rng.random() < 0.3)
+
+
+@interpreter
+@pytest.mark.parametrize("seed", range(10))
+def test_random_against_oracle(interpret, seed):
+    rng = random.Random(1000 + seed)
+    case = _random_case(rng)
+    interpret(seed)
+    _check_against_oracle(**case, seed=seed)
+
+
+@interpreter
+def test_matches_reference(interpret):
+    shape, kernel, dilation = (7, 8), (3, 5), (2, 1)
+    q, k, v, r = _inputs(shape, 2, 8, 8, True, kernel, 5)
+    cfg = (kernel, dilation, (1, 1), (False, False))
+    out, lse = nt.na_triton_fwd(q, k, v, r, *cfg, 0.3)
+    out_ref, lse_ref = na_reference_fwd(q, k, v, r, *cfg, 0.3)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, rtol=0, atol=1e-5)
+    go = torch.randn_like(out)
+    grads = nt.na_triton_bwd(go, q, k, v, r, out, lse, None, *cfg, 0.3)
+    grads_ref = na_reference_bwd(go, q, k, v, r, out_ref, lse_ref, None, *cfg, 0.3)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
+def test_strided_views_read_in_place(interpret):
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 6, 7, 3, 2, 8, generator=g)  # a fused projection, split without copies
+    rpb = torch.randn(2, 5, 5, generator=g)
+    q, k, v = qkv.unbind(3)
+    assert not q.is_contiguous()
+    go = torch.randn(1, 6, 7, 2, 8, generator=g)
+    results = []
+    for tensors in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
+        out, lse = nt.na_triton_fwd(*tensors, rpb, (3, 3), (2, 1), (1, 1), (False, False), 0.5)
+        grads = nt.na_triton_bwd(go, *tensors, rpb, out, lse, None, (3, 3), (2, 1), (1, 1), (False, False), 0.5)
+        results.append((out, lse) + grads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@interpreter
+def test_drpb_deterministic_on_request(interpret):
+    shape, kernel = (8, 8), (3, 3)
+    q, k, v, r = _inputs(shape, 2, 8, 8, True, kernel, 7)
+    cfg = (kernel, (1, 1), (1, 1), (False, False))
+    out, lse = nt.na_triton_fwd(q, k, v, r, *cfg, 0.4)
+    go = torch.randn_like(out)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = nt.na_triton_bwd(go, q, k, v, r, out, lse, None, *cfg, 0.4)
+        second = nt.na_triton_bwd(go, q, k, v, r, out, lse, None, *cfg, 0.4)
+        torch.use_deterministic_algorithms(False)
+        atomic = nt.na_triton_bwd(go, q, k, v, r, out, lse, None, *cfg, 0.4)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(first[3], atomic[3], rtol=1e-5, atol=1e-6)
+
+
+@interpreter
+def test_rpb_float32_with_half_inputs_keeps_its_dtype(interpret):
+    q, k, v, r = _inputs((6, 6), 2, 16, 16, True, (3, 3), 11, dtype=torch.float16)
+    leaves = [t.requires_grad_() for t in (q, k, v, r)]
+    out = neighborhood_attention(q, k, v, 3, rpb=r, backend="triton")
+    assert out.dtype == torch.float16
+    grads = torch.autograd.grad(out.float().sum(), leaves)
+    assert [g.dtype for g in grads] == [torch.float16] * 3 + [torch.float32]
+
+
+@interpreter
+def test_probe_and_selection():
+    x = torch.randn(1, 6, 6, 2, 16)
+    cfg = dict(kernel_size=(3, 3), dilation=(1, 1), stride=(1, 1), is_causal=(False, False))
+    assert nt.na_triton_probe(x, x, x, None, **cfg) is None
+    assert NA_BACKENDS.choose("auto", x, x, x, None, **cfg) == "triton"
+    assert "float64" in nt.na_triton_probe(x.double(), x.double(), x.double(), None, **cfg)
+    wide = torch.randn(1, 6, 6, 2, nt.MAX_HEAD_DIM + 1)
+    assert "head_dim" in nt.na_triton_probe(wide, wide, wide, None, **cfg)
+    big = torch.randn(1, 40, 40, 1, 16)
+    rpb = torch.zeros(1, 79, 79)
+    big_cfg = dict(kernel_size=(40, 40), dilation=(1, 1), stride=(1, 1), is_causal=(False, False))
+    assert "dRPB" in nt.na_triton_probe(big, big, big, rpb, **big_cfg)
+    assert nt.na_triton_probe(big, big, big, None, **big_cfg) is None
+
+
+@interpreter
+def test_meta_and_compile_see_one_op(interpret):
+    q = torch.randn(1, 6, 6, 2, 16, requires_grad=True)
+    fn = torch.compile(lambda a: neighborhood_attention(a, a, a, 3, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q)
+    torch.testing.assert_close(out, neighborhood_attention(q, q, q, 3, backend="reference"), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_CASES = [
+    # (shape, kernel, dilation, stride, causal, rpb, heads, d)
+    ((56, 56), 7, 1, 1, False, True, 2, 32),
+    ((56, 56), 7, 3, 1, False, False, 2, 64),  # ragged dilation groups (56 = 3 * 18 + 2)
+    ((56, 56), 7, (4, 8), 1, False, True, 2, 32),
+    ((56, 56), (7, 5), 1, (2, 3), (True, False), False, 2, 128),
+    ((30, 45), 9, 1, 1, True, True, 3, 16),
+    ((14, 14), 14, 1, 1, False, True, 4, 32),  # window = map
+    ((1000,), 65, 3, 4, False, False, 2, 64),
+    ((6, 12, 20), (3, 5, 7), (1, 2, 1), 1, False, True, 2, 32),
+]
+
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_gpu_against_reference(case, dtype):
+    shape, kernel, dilation, stride, causal, rpb, heads, d = GPU_CASES[case]
+    n = len(shape)
+    cfg = (_tuple(kernel, n), _tuple(dilation, n), _tuple(stride, n), _tuple(causal, n))
+    q, k, v, r = _inputs(shape, heads, d, d, rpb, cfg[0], case, dtype=dtype, device="cuda")
+    B = 2
+    q, k, v = (torch.cat([t, torch.randn_like(t)]) for t in (q, k, v))
+    scale = d ** -0.5
+    out = torch.full((B, *shape, heads, d), float("nan"), device="cuda", dtype=dtype)
+    lse = torch.full((B, *shape, heads), float("nan"), device="cuda")
+    nt.na_triton_fwd(q, k, v, r, *cfg, scale, out=out, lse=lse)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out_ref, lse_ref = na_reference_fwd(qf, kf, vf, r, *cfg, scale)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all(), "an output element was not written"
+    assert _rel(out, out_ref) < TOL[dtype]
+    assert (lse - lse_ref).abs().max().item() < 50 * TOL[dtype]
+
+    go = torch.randn_like(out)
+    gl = torch.randn_like(lse)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    dq, dk, dv, drpb = nt.na_triton_bwd(go, q, k, v, r, out, lse, gl, *cfg, scale,
+                                        dq=grads[0], dk=grads[1], dv=grads[2])
+    ref = na_reference_bwd(go.float(), qf, kf, vf, r, out.float(), lse, gl, *cfg, scale)
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), (dq, dk, dv, drpb), ref):
+        if b is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all(), f"{name}: an element was not written"
+        assert _rel(a, b) < 2 * TOL[dtype], f"{name}: relative error {_rel(a, b):.2e}"
+
+
+@gpu
+@needs_cuda
+def test_gpu_tf32_mode_for_float32():
+    q, k, v, r = _inputs((56, 56), 2, 64, 64, True, (7, 7), 1, device="cuda")
+    cfg = ((7, 7), (1, 1), (1, 1), (False, False))
+    ref, _ = na_reference_fwd(q.double(), k.double(), v.double(), r.double(), *cfg, 0.125)
+    was = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        fast, _ = nt.na_triton_fwd(q, k, v, r, *cfg, 0.125)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact, _ = nt.na_triton_fwd(q, k, v, r, *cfg, 0.125)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
+    assert _rel(exact, ref) < 1e-6
+    assert 1e-6 < _rel(fast, ref) < 3e-3
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_huge_logits_stay_finite(dtype):
+    q, k, v, r = _inputs((56, 56), 2, 32, 32, True, (7, 7), 2, dtype=dtype, device="cuda")
+    q = (q * 60).requires_grad_()  # |scale * q.k| reaches ~1e4
+    k = (k * 60).requires_grad_()
+    v.requires_grad_()
+    r = (r * 1e3).requires_grad_()
+    out, lse = neighborhood_attention(q, k, v, 7, rpb=r, return_lse=True, backend="triton")
+    assert lse.abs().max().item() > 1e3
+    grads = torch.autograd.grad((out.float() * torch.randn_like(out.float())).sum() + lse.sum(), (q, k, v, r))
+    for t in (out, lse) + grads:
+        assert torch.isfinite(t).all()
+
+
+@gpu
+@needs_cuda
+def test_gpu_strided_views_and_deterministic_drpb():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(4, 56, 56, 3, 2, 32, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = qkv.unbind(3)
+    rpb = torch.randn(2, 13, 13, device="cuda", generator=g)
+    cfg = ((7, 7), (2, 2), (1, 1), (False, False))
+    out, lse = nt.na_triton_fwd(q, k, v, rpb, *cfg, 32 ** -0.5)
+    out_c, lse_c = nt.na_triton_fwd(q.contiguous(), k.contiguous(), v.contiguous(), rpb, *cfg, 32 ** -0.5)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    go = torch.randn_like(out)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        runs = [nt.na_triton_bwd(go, q, k, v, rpb, out, lse, None, *cfg, 32 ** -0.5) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    ref = na_reference_bwd(go.float(), q.float(), k.float(), v.float(), rpb, out.float(), lse, None, *cfg, 32 ** -0.5)
+    assert _rel(runs[0][3], ref[3]) < 1e-2
