@@ -177,7 +177,7 @@ def test_torchrun_two_processes_on_gloo(image_folder, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 x cpu, global batch 16" in proc.stdout
+    assert "2 x cpu (1 thread each), global batch 16" in proc.stdout
     assert proc.stdout.count("final test accuracy") == 1  # printed by rank 0 only
     rows = _rows(tmp_path / "ddp")
     # 96 images / (8 per process x 2 processes) = 6 steps per epoch; evaluation sees all 24 once

@@ -213,7 +213,8 @@ def device_name(device: str) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def markdown_table(rows) -> str:

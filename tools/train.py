@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     g.add_argument("--val-limit", type=int, default=None, help="use only the first N evaluation images")
     g.add_argument("--workers", type=int, default=None, help="loader workers per process (default: 1 on CPU, 8 on GPU)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads per process on CPU (default: half the cores, shared by the "
+                        "processes; the loader workers get the rest)")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation")
     g.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and always after the last)")
 
@@ -109,14 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: --lr-base x global batch / --lr-base-size)")
-    g.add_argument("--lr-base", type=float, default=2e-3)
+    g.add_argument("--lr-base", type=float, default=3e-3)
     g.add_argument("--lr-base-size", type=int, default=128)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (uses group_matcher)")
     g.add_argument("--clip-grad", type=float, default=None)
     g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
     g.add_argument("--sched", default="cosine")
-    g.add_argument("--warmup-epochs", type=float, default=1)
+    g.add_argument("--warmup-epochs", type=float, default=0.5)
     g.add_argument("--warmup-lr", type=float, default=1e-5)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--cooldown-epochs", type=int, default=0)
@@ -128,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-aug", action="store_true")
     g.add_argument("--aug-repeats", type=int, default=0, help="repeated augmentation: copies of each image per epoch")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.0), metavar=("MIN", "MAX"),
+    g.add_argument("--scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"),
                    help="RandomResizedCrop area range")
-    g.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+    g.add_argument("--ratio", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"),
                    help="RandomResizedCrop aspect-ratio range")
     g.add_argument("--hflip", type=float, default=0.5)
     g.add_argument("--vflip", type=float, default=0.0)
@@ -542,6 +545,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.global_step = 0
         self.history = []
+        self._pending_rng = None  # this rank's RNG state from a checkpoint, set once fast-forwarded
 
         self.optimizer = create_optimizer_v2(
             model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
@@ -646,7 +650,7 @@ class Trainer:
         skip = self.batch_in_epoch
         for _ in range(skip):  # fast-forward a resumed epoch; the RNG state is restored afterwards
             next(batches)
-        if getattr(self, "_pending_rng", None) is not None:
+        if self._pending_rng is not None:
             set_rng_state(self._pending_rng, self.device)
             self._pending_rng = None
         if self.mixup is not None and args.mixup_off_epoch and self.epoch >= args.mixup_off_epoch:
@@ -759,6 +763,10 @@ def main(argv=None):
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else None) \
         or (profile.in_chans if profile else 3)
     workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 1)
+    if device.type == "cpu":
+        # small models gain little from more threads and lose a lot when a thread has to wait for a
+        # busy core: keep compute on half the cores and leave the rest to the data loader
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // (2 * rt.world_size)))
     pin = device.type == "cuda"
 
     # datasets first: the class count sizes the head
@@ -823,13 +831,19 @@ def main(argv=None):
             saved.pop(k, None)
         _atomic_write_text(run_dir / "args.yaml", yaml.safe_dump(saved, sort_keys=True))
     params = sum(p.numel() for p in model.parameters())
+    threads = torch.get_num_threads()
+    where = f"{rt.world_size} x {device.type}" + (
+        f" ({threads} thread{'s' if threads > 1 else ''} each)" if device.type == "cpu" else "")
     rt.print(f"model {args.model}: {params / 1e6:.2f}M params, input {tuple(data_config['input_size'])}, "
              f"{num_classes} classes | data {args.dataset}: {len(train_set)} train, "
-             f"{len(eval_set) if eval_set is not None else 0} eval images | {rt.world_size} x {device.type}, "
-             f"global batch {global_batch}, lr {args.lr:.2e}, {trainer.num_epochs} epochs | run {run_dir}")
+             f"{len(eval_set) if eval_set is not None else 0} eval images | {where}, global batch {global_batch}, "
+             f"lr {args.lr:.2e}, {trainer.num_epochs} epochs | run {run_dir}")
 
     progress = rt.primary and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     summary = None
+    train_stats = {"stopped": False}
+    if trainer.epoch >= trainer.num_epochs:
+        rt.print(f"nothing to train: the run finished its {trainer.num_epochs} epochs (raise --epochs to go on)")
     while trainer.epoch < trainer.num_epochs:
         epoch = trainer.epoch
         train_stats = trainer.train_epoch(progress)
@@ -861,17 +875,22 @@ def main(argv=None):
         if train_stats["stopped"]:
             break
 
-    elapsed = time.perf_counter() - _START
     if rt.primary:
         export = run_dir / "model"
         export_model = trainer.ema.module if trainer.ema is not None else model
-        _export(export_model, export, data_config, num_classes, args)
+        _export(export_model, export, data_config)
         rt.print(f"weights for timm.create_model('local-dir:{export}') written to {export}")
+        seconds = sum(r["epoch_seconds"] for r in trainer.history)
+        if seconds > 0:
+            img_s = sum(r["train_img_s"] * r["epoch_seconds"] for r in trainer.history) / seconds
+            rt.print(f"training throughput: {img_s:.0f} img/s in all, {img_s / rt.world_size:.0f} img/s per "
+                     f"process ({rt.world_size} x {device.type}, {_fmt_time(seconds)} of training steps)")
         if summary and "eval_top1" in summary:
             which = "final" if not train_stats["stopped"] else f"step {trainer.global_step}"
             rt.print(f"{which} test accuracy: top-1 {summary['eval_top1']:.2f}%, top-5 {summary['eval_top5']:.2f}% "
-                     f"({args.model} on {args.dataset} {args.val_split}, {len(eval_set)} images)"
+                     f"({args.model} on {args.dataset} {_split_name(eval_set, args.val_split)}, {len(eval_set)} images)"
                      + (f"; EMA top-1 {summary['ema_top1']:.2f}%" if "ema_top1" in summary else ""))
+        elapsed = time.perf_counter() - _START
         rt.print(f"wall time: {_fmt_time(elapsed)} ({elapsed:.1f} s, imports and data loading included)")
     if rt.distributed:
         dist.barrier()
@@ -879,7 +898,14 @@ def main(argv=None):
     return summary
 
 
-def _export(model, folder: Path, data_config, num_classes, args):
+def _split_name(dataset, requested: str) -> str:
+    # Fashion-MNIST has no validation split: its evaluation split is the test set, and says so
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "split", requested)
+
+
+def _export(model, folder: Path, data_config):
     from timm.models import save_for_hf
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
