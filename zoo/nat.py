@@ -889,6 +889,7 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     """Eval transform of the authors' ImageNet recipe: resize to 224 / 0.875, bicubic, ImageNet mean / std."""
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        # any size works (maps smaller than kernel_size * dilation are padded); timm's reduced-size tests use this
         'min_input_size': (3, 32, 32),
         'crop_pct': .875, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
