@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import neighborhood_tables as tables
 from .backends import logger
 from .neighborhood_reference import lse_dtype
 
@@ -234,11 +235,24 @@ def _drpb_block(ds, acc, cz, x0q, y0q, z0q, it, n_zseg, kbx0, kby0, kbz0, ex, ey
     return acc
 
 
+@triton.jit
+def _table_rows(TAB, CLS, h64, stride_tab_h, tab_class_stride, NCLS_Y, NCLS_Z, gx, gy, gz, tx, ty, tz,
+                n_tiles_x, n_tiles_y, n_tiles_z, DIL_X, DIL_Y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] pointers into block 0 of this program's logit table (neighborhood_tables.py):
+    # the tile's class combines its per-axis classes (ids stored x, then y, then z, each [group, tile])
+    oy = DIL_X * n_tiles_x
+    oz = oy + DIL_Y * n_tiles_y
+    cls = ((tl.load(CLS + gx * n_tiles_x + tx) * NCLS_Y + tl.load(CLS + oy + gy * n_tiles_y + ty)) * NCLS_Z
+           + tl.load(CLS + oz + gz * n_tiles_z + tz))
+    rows = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    return TAB + h64 * stride_tab_h + cls.to(tl.int64) * tab_class_stride + rows
+
+
 # -- forward --------------------------------------------------------------------------------------
 
 @triton.jit
 def _na_fwd(
-    Q, K, V, RPB, O, LSE,  #
+    Q, K, V, RPB, O, LSE, TAB, CLS,  #
     stride_qb, stride_qx, stride_qy, stride_qz, stride_qh, stride_qd,  #
     stride_kb, stride_kx, stride_ky, stride_kz, stride_kh, stride_kd,  #
     stride_vb, stride_vx, stride_vy, stride_vz, stride_vh, stride_vd,  #
@@ -247,8 +261,9 @@ def _na_fwd(
     HEADS, SIZE_X, SIZE_Y, SIZE_Z,  #
     KER_X, KER_Y, KER_Z, DIL_X, DIL_Y, DIL_Z, STR_X, STR_Y, STR_Z,  #
     qk_scale, n_tiles_x, n_tiles_y, n_tiles_z,  #
+    stride_tab_h, tab_class_stride, NCLS_Y, NCLS_Z,  #
     CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr,  #
-    NDIM: tl.constexpr, HAS_RPB: tl.constexpr, SCALE_POSITIVE: tl.constexpr,  #
+    NDIM: tl.constexpr, HAS_RPB: tl.constexpr, SCALE_POSITIVE: tl.constexpr, USE_TABLE: tl.constexpr,  #
     TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, BLOCK_N: tl.constexpr, WZ: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
     DOT_PREC: tl.constexpr,
@@ -296,8 +311,11 @@ def _na_fwd(
         rpb_base = RPB + h64 * ((2 * KER_X - 1) * (2 * KER_Y - 1) * (2 * KER_Z - 1))
         q_rel = _rel_index(KER_X - 1 - cx, KER_Y - 1 - cy, KER_Z - 1 - cz, KER_X, KER_Y, KER_Z)
 
+    if USE_TABLE:
+        tab = _table_rows(TAB, CLS, h64, stride_tab_h, tab_class_stride, NCLS_Y, NCLS_Z, gx, gy, gz, tx, ty, tz,
+                          n_tiles_x, n_tiles_y, n_tiles_z, DIL_X, DIL_Y, BLOCK_M, BLOCK_N)
     # without a bias the scale is applied inside exp2's FMA (the row max is taken unscaled)
-    PRESCALE: tl.constexpr = HAS_RPB or not SCALE_POSITIVE
+    PRESCALE: tl.constexpr = HAS_RPB or USE_TABLE or not SCALE_POSITIVE
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -311,17 +329,20 @@ def _na_fwd(
         v = tl.load(v_base + v_row[:, None] + offs_dv[None, :] * stride_vd,
                     mask=_row_mask(k_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_RPB:
-            rel = q_rel[:, None] + _rel_index(kx, ky, kz, KER_X, KER_Y, KER_Z)[None, :]
-        kz = tl.where(k_ok, kz, -(1 << 24))  # slots past the box fail the z test
-        inwin = _pair_mask(kx[None, :], ky[None, :], kz[None, :], sx[:, None], sy[:, None], sz[:, None],
-                           (ex_q - sx)[:, None], (ey_q - sy)[:, None], wz[:, None], NDIM)
-        if HAS_RPB:  # the masked load also masks: off-window logits get -inf
-            s = s * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
-        elif PRESCALE:
-            s = tl.where(inwin, s * qk_scale, float("-inf"))
+        if USE_TABLE:  # bias and mask in one contiguous load
+            s = s * qk_scale + tl.load(tab + it * (BLOCK_M * BLOCK_N)).to(tl.float32)
         else:
-            s = tl.where(inwin, s, float("-inf"))
+            if HAS_RPB:
+                rel = q_rel[:, None] + _rel_index(kx, ky, kz, KER_X, KER_Y, KER_Z)[None, :]
+            kz = tl.where(k_ok, kz, -(1 << 24))  # slots past the box fail the z test
+            inwin = _pair_mask(kx[None, :], ky[None, :], kz[None, :], sx[:, None], sy[:, None], sz[:, None],
+                               (ex_q - sx)[:, None], (ey_q - sy)[:, None], wz[:, None], NDIM)
+            if HAS_RPB:  # the masked load also masks: off-window logits get -inf
+                s = s * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+            elif PRESCALE:
+                s = tl.where(inwin, s * qk_scale, float("-inf"))
+            else:
+                s = tl.where(inwin, s, float("-inf"))
         if PRESCALE:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -349,7 +370,7 @@ def _na_fwd(
 
 @triton.jit
 def _na_bwd_dq(
-    Q, K, V, RPB, O, DO, LSE, DLSE, DELTA, DQ, DRPB,  #
+    Q, K, V, RPB, O, DO, LSE, DLSE, DELTA, DQ, DRPB, TAB, CLS,  #
     stride_qb, stride_qx, stride_qy, stride_qz, stride_qh, stride_qd,  #
     stride_kb, stride_kx, stride_ky, stride_kz, stride_kh, stride_kd,  #
     stride_vb, stride_vx, stride_vy, stride_vz, stride_vh, stride_vd,  #
@@ -361,8 +382,10 @@ def _na_bwd_dq(
     HEADS, SIZE_X, SIZE_Y, SIZE_Z,  #
     KER_X, KER_Y, KER_Z, DIL_X, DIL_Y, DIL_Z, STR_X, STR_Y, STR_Z,  #
     qk_scale, scale, n_tiles_x, n_tiles_y, n_tiles_z,  #
+    stride_tab_h, tab_class_stride, NCLS_Y, NCLS_Z,  #
     CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr,  #
     NDIM: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, DRPB_PARTIAL: tl.constexpr,  #
+    USE_TABLE: tl.constexpr,  #
     TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, BLOCK_N: tl.constexpr, WZ: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
     DOT_PREC: tl.constexpr,  #
@@ -424,6 +447,9 @@ def _na_bwd_dq(
         rpb_base = RPB + h64 * ((2 * KER_X - 1) * (2 * KER_Y - 1) * (2 * KER_Z - 1))
         q_rel = _rel_index(KER_X - 1 - cx, KER_Y - 1 - cy, KER_Z - 1 - cz, KER_X, KER_Y, KER_Z)
         drpb_acc = tl.zeros([RXYP, RZP], tl.float32)
+    if USE_TABLE:
+        tab = _table_rows(TAB, CLS, h64, stride_tab_h, tab_class_stride, NCLS_Y, NCLS_Z, gx, gy, gz, tx, ty, tz,
+                          n_tiles_x, n_tiles_y, n_tiles_z, DIL_X, DIL_Y, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for it in range(0, n_it):
         kx, ky, kz, k_ok = _box_block(it, kbx0, kby0, kbz0, kbx1 - kbx0, kby1 - kby0, kbz1 - kbz0, n_zseg, BLOCK_N, WZ, NDIM)
@@ -432,15 +458,18 @@ def _na_bwd_dq(
         k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * stride_kd, mask=_row_mask(k_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         v = tl.load(v_base + v_row[:, None] + offs_dv[None, :] * stride_vd, mask=_row_mask(k_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_RPB:
-            rel = q_rel[:, None] + _rel_index(kx, ky, kz, KER_X, KER_Y, KER_Z)[None, :]
-        kz = tl.where(k_ok, kz, -(1 << 24))
-        inwin = _pair_mask(kx[None, :], ky[None, :], kz[None, :], sx[:, None], sy[:, None], sz[:, None],
-                           (ex_q - sx)[:, None], (ey_q - sy)[:, None], wz[:, None], NDIM)
-        if HAS_RPB:
-            s = s * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+        if USE_TABLE:
+            s = s * qk_scale + tl.load(tab + it * (BLOCK_M * BLOCK_N)).to(tl.float32)
         else:
-            s = tl.where(inwin, s * qk_scale, float("-inf"))
+            if HAS_RPB:
+                rel = q_rel[:, None] + _rel_index(kx, ky, kz, KER_X, KER_Y, KER_Z)[None, :]
+            kz = tl.where(k_ok, kz, -(1 << 24))
+            inwin = _pair_mask(kx[None, :], ky[None, :], kz[None, :], sx[:, None], sy[:, None], sz[:, None],
+                               (ex_q - sx)[:, None], (ey_q - sy)[:, None], wz[:, None], NDIM)
+            if HAS_RPB:
+                s = s * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+            else:
+                s = tl.where(inwin, s * qk_scale, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -466,7 +495,7 @@ def _na_bwd_dq(
 
 @triton.jit
 def _na_bwd_dkdv(
-    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,  #
+    Q, K, V, RPB, DO, LSE, DELTA, DK, DV, TAB, CLS,  #
     stride_qb, stride_qx, stride_qy, stride_qz, stride_qh, stride_qd,  #
     stride_kb, stride_kx, stride_ky, stride_kz, stride_kh, stride_kd,  #
     stride_vb, stride_vx, stride_vy, stride_vz, stride_vh, stride_vd,  #
@@ -477,8 +506,9 @@ def _na_bwd_dkdv(
     HEADS, SIZE_X, SIZE_Y, SIZE_Z,  #
     KER_X, KER_Y, KER_Z, DIL_X, DIL_Y, DIL_Z, STR_X, STR_Y, STR_Z,  #
     qk_scale, scale, n_tiles_x, n_tiles_y, n_tiles_z,  #
+    stride_tab_h, tab_class_stride, NCLS_Y, NCLS_Z,  #
     CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr,  #
-    NDIM: tl.constexpr, HAS_RPB: tl.constexpr,  #
+    NDIM: tl.constexpr, HAS_RPB: tl.constexpr, USE_TABLE: tl.constexpr,  #
     TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, BLOCK_N: tl.constexpr, WZ: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
     DOT_PREC: tl.constexpr,
@@ -522,6 +552,9 @@ def _na_bwd_dkdv(
         rpb_base = RPB + h64 * ((2 * KER_X - 1) * (2 * KER_Y - 1) * (2 * KER_Z - 1))
         k_rel = _rel_index(jx + KER_X - 1, jy + KER_Y - 1, jz + KER_Z - 1, KER_X, KER_Y, KER_Z)
 
+    if USE_TABLE:
+        tab = _table_rows(TAB, CLS, h64, stride_tab_h, tab_class_stride, NCLS_Y, NCLS_Z, gx, gy, gz, tx, ty, tz,
+                          n_tiles_x, n_tiles_y, n_tiles_z, DIL_X, DIL_Y, BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for it in range(0, n_it):
@@ -540,18 +573,21 @@ def _na_bwd_dkdv(
         lse2 = tl.load(lse_base + rx * stride_lx + ry * stride_ly + rz * stride_lz, mask=q_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + (rx * SIZE_Y + ry) * SIZE_Z + rz, mask=q_ok, other=0.0)
         st = tl.dot(k, tl.trans(qt), input_precision=DOT_PREC)  # [keys, queries]
-        if HAS_RPB:
-            rel = k_rel[:, None] - _rel_index(qx, qy, qz, KER_X, KER_Y, KER_Z)[None, :]
-        sx, ex_q = _window(qx, lgx, KER_X, STR_X, CAUSAL_X)
-        sy, ey_q = _window(qy, lgy, KER_Y, STR_Y, CAUSAL_Y)
-        sz, ez_q = _window(qz, lgz, KER_Z, STR_Z, CAUSAL_Z)
-        wz = tl.where(q_ok, ez_q - sz, 0)
-        inwin = _pair_mask(jx[:, None], jy[:, None], jz_m[:, None], sx[None, :], sy[None, :], sz[None, :],
-                           (ex_q - sx)[None, :], (ey_q - sy)[None, :], wz[None, :], NDIM)
-        if HAS_RPB:
-            st = st * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+        if USE_TABLE:
+            st = st * qk_scale + tl.load(tab + it * (BLOCK_M * BLOCK_N)).to(tl.float32)
         else:
-            st = tl.where(inwin, st * qk_scale, float("-inf"))
+            if HAS_RPB:
+                rel = k_rel[:, None] - _rel_index(qx, qy, qz, KER_X, KER_Y, KER_Z)[None, :]
+            sx, ex_q = _window(qx, lgx, KER_X, STR_X, CAUSAL_X)
+            sy, ey_q = _window(qy, lgy, KER_Y, STR_Y, CAUSAL_Y)
+            sz, ez_q = _window(qz, lgz, KER_Z, STR_Z, CAUSAL_Z)
+            wz = tl.where(q_ok, ez_q - sz, 0)
+            inwin = _pair_mask(jx[:, None], jy[:, None], jz_m[:, None], sx[None, :], sy[None, :], sz[None, :],
+                               (ex_q - sx)[None, :], (ey_q - sy)[None, :], wz[None, :], NDIM)
+            if HAS_RPB:
+                st = st * qk_scale + tl.load(rpb_base + rel, mask=inwin, other=float("-inf"))
+            else:
+                st = tl.where(inwin, st * qk_scale, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
         dv += tl.dot(pt.to(dot_.dtype), dot_, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(dot_), input_precision=DOT_PREC)
@@ -748,7 +784,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _problem_key(kind, q, v, geo, has_rpb, extra=()):
-    return (kind, geo, tuple(q.shape), v.shape[-1], q.dtype, has_rpb, _dot_precision(q.dtype)) + tuple(extra)
+    return (kind, geo, tuple(q.shape), v.shape[-1], q.dtype, has_rpb, _dot_precision(q.dtype),
+            _tables_enabled()) + tuple(extra)
 
 
 def _common_args(geo: _Geometry, heads: int):
@@ -761,6 +798,24 @@ def _grid(cfg: _Config, geo: _Geometry, batch: int, heads: int) -> tuple:
 
 def _block_d(d: int) -> int:
     return max(16, _next_pow2(d))
+
+
+def _tables_enabled() -> bool:
+    return os.environ.get("FOVEAL_NA_TABLES", "1") != "0"
+
+
+def _table_args(geo: _Geometry, cfg: _Config, keys_major: bool, values, q: torch.Tensor) -> tuple:
+    """(table, class ids, head stride, class stride, classes y, classes z, use) for one launch."""
+    dtype = tables.table_dtype(q.dtype)
+    p = None
+    if _tables_enabled():
+        heads = 1 if values is None else values.shape[0]
+        p = tables.plan(geo, cfg, keys_major, heads, dtype, q.device)
+    if p is None:
+        empty = q.new_empty(0, dtype=torch.int32)
+        return empty, empty, 0, 0, 1, 1, False
+    tab, head_stride = tables.bias_table(p, values, dtype)
+    return tab, p.cls, head_stride, p.combo_stride, p.n_classes[1], p.n_classes[2], True
 
 
 def na_triton_probe(q, k, v, rpb, *, kernel_size, dilation, stride, is_causal) -> Optional[str]:
@@ -801,15 +856,20 @@ def na_triton_fwd(q, k, v, rpb, kernel_size: Sequence[int], dilation: Sequence[i
         lse = torch.empty(q.shape[:-1], dtype=lse_dtype(q.dtype), device=q.device)
     if q.numel() == 0 or v.numel() == 0:
         return out, lse
-    rpb_c = _rpb_log2(rpb) if rpb is not None else q.new_empty(0)
     prec = _dot_precision(q.dtype)
+    values = tables.logit_values(rpb, tables.table_dtype(q.dtype)) if rpb is not None and _tables_enabled() else None
+    rpb_log2 = []
 
     def launch(cfg: _Config):
+        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(geo, cfg, False, values, q)
+        if rpb is not None and not use_table and not rpb_log2:
+            rpb_log2.append(_rpb_log2(rpb))
+        rpb_c = rpb_log2[0] if rpb is not None and not use_table else q.new_empty(0)
         _na_fwd[_grid(cfg, geo, B, heads)](
-            q, k, v, rpb_c, out, lse,
+            q, k, v, rpb_c, out, lse, tab, cls,
             *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False),
-            *_common_args(geo, heads), scale * _LOG2E, *cfg.n_tiles(geo),
-            *geo.causal, n, rpb is not None, scale > 0,
+            *_common_args(geo, heads), scale * _LOG2E, *cfg.n_tiles(geo), tab_h, tab_c, ncy, ncz,
+            *geo.causal, n, rpb is not None, scale > 0, use_table,
             *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -837,7 +897,16 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), (torch.zeros_like(rpb) if has_rpb else None)
     prec = _dot_precision(q.dtype)
-    rpb_c = _rpb_log2(rpb) if has_rpb else q.new_empty(0)
+    values = tables.logit_values(rpb, tables.table_dtype(q.dtype)) if has_rpb and _tables_enabled() else None
+    rpb_log2 = []
+
+    def rpb_arg(use_table: bool):
+        if not has_rpb or use_table:
+            return q.new_empty(0)
+        if not rpb_log2:
+            rpb_log2.append(_rpb_log2(rpb))
+        return rpb_log2[0]
+
     delta = torch.empty(B, heads, *geo.sizes, dtype=torch.float32, device=q.device)
     glse = grad_lse if grad_lse is not None else lse
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -856,24 +925,26 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
 
     def launch_dq(cfg: _Config):
         drpb_buf[cfg] = buf = drpb_target(cfg)
+        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(geo, cfg, False, values, q)
         _na_bwd_dq[_grid(cfg, geo, B, heads)](
-            q, k, v, rpb_c, out, grad_out, lse, glse, delta, dq, buf,
+            q, k, v, rpb_arg(use_table), out, grad_out, lse, glse, delta, dq, buf, tab, cls,
             *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(grad_out, n),
             *_strides(lse, n, False), *_strides(glse, n, False), *_strides(dq, n),
-            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo),
-            *geo.causal, n, has_rpb, grad_lse is not None, deterministic,
+            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo), tab_h, tab_c, ncy, ncz,
+            *geo.causal, n, has_rpb, grad_lse is not None, deterministic, use_table,
             *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec, rxyp, rzp,
             "tf32x3" if q.dtype == torch.float32 else "tf32",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def launch_dkdv(cfg: _Config):
+        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(geo, cfg, True, values, q)
         _na_bwd_dkdv[_grid(cfg, geo, B, heads)](
-            q, k, v, rpb_c, grad_out, lse, delta, dk, dv,
+            q, k, v, rpb_arg(use_table), grad_out, lse, delta, dk, dv, tab, cls,
             *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(grad_out, n), *_strides(lse, n, False),
             *_strides(dk, n), *_strides(dv, n),
-            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo),
-            *geo.causal, n, has_rpb,
+            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo), tab_h, tab_c, ncy, ncz,
+            *geo.causal, n, has_rpb, use_table,
             *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

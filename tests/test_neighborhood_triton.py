@@ -71,8 +71,10 @@ def _small_candidates(variant: int):
 def interpret(monkeypatch):
     monkeypatch.setattr(nt, "_TUNED", {})
 
-    def use(variant=0):
+    def use(variant=0, tables=True):
         monkeypatch.setattr(nt, "_candidates", _small_candidates(variant))
+        # logit tables (neighborhood_tables.py) or masks and bias computed in the kernels
+        monkeypatch.setenv("FOVEAL_NA_TABLES", "1" if tables else "0")
 
     use()
     return use
@@ -140,10 +142,11 @@ CASES = [
 
 
 @interpreter
+@pytest.mark.parametrize("tables", [True, False], ids=["tables", "in-kernel-masks"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_matches_oracle(interpret, case):
+def test_matches_oracle(interpret, case, tables):
     shape, kernel, dilation, stride, causal, rpb, d, dv = CASES[case]
-    interpret(case)
+    interpret(case, tables)
     _check_against_oracle(shape, kernel, dilation, stride, causal, rpb, d, dv, with_lse_grad=case % 4 == 1, seed=case)
 
 
@@ -163,11 +166,11 @@ def _random_case(rng):
 
 
 @interpreter
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(16))
 def test_random_against_oracle(interpret, seed):
     rng = random.Random(1000 + seed)
     case = _random_case(rng)
-    interpret(seed)
+    interpret(seed, tables=seed % 4 != 3)
     _check_against_oracle(**case, seed=seed)
 
 
