@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from .backends import Backend, BackendRegistry
@@ -112,6 +113,41 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("foveal::na_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerNA(torch.autograd.Function):
+    """The same computation as ``foveal::na_fwd`` and its autograd, without the custom-op dispatcher.
+
+    Eager calls on plain tensors take this path: the Python dispatch of a custom op costs more host
+    time than a small kernel (models with tens of NA layers become host bound). Anything that needs
+    to see the op (torch.compile, export, fake/meta tensors, tensor subclasses, dispatch modes such
+    as the FLOP counter, functorch transforms) goes through the custom op.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, backend):
+        out, lse = NA_BACKENDS[backend].fwd(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale)
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        ctx.cfg = (kernel_size, dilation, stride, is_causal, scale, backend)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, drpb = NA_BACKENDS[ctx.cfg[-1]].bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, *ctx.cfg[:-1])
+        return dq, dk, dv, drpb, None, None, None, None, None, None
+
+
+def _eager_ok(q, k, v, rpb) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(t) is Tensor and t.device.type != "meta" for t in (q, k, v, rpb) if t is not None)
 
 
 # -- FLOP counting --------------------------------------------------------------------------------
@@ -222,7 +258,8 @@ def neighborhood_attention(
         raise TypeError(f"{op}: return_lse must be a bool, got {type(return_lse).__name__}")
     cfg = dict(kernel_size=kernel_size, dilation=dilation, stride=stride, is_causal=is_causal)
     name = NA_BACKENDS.choose(backend, q, k, v, rpb, **cfg)
-    out, lse = _na_fwd(q, k, v, rpb, list(kernel_size), list(dilation), list(stride), list(is_causal), scale, name)
+    args = (q, k, v, rpb, list(kernel_size), list(dilation), list(stride), list(is_causal), scale, name)
+    out, lse = _EagerNA.apply(*args) if _eager_ok(q, k, v, rpb) else _na_fwd(*args)
     return (out, lse) if return_lse else out
 
 

@@ -295,3 +295,23 @@ def test_every_argument_is_documented(op):
     doc = op.__doc__
     for name in inspect.signature(op).parameters:
         assert re.search(rf"^\s+{name}:", doc, re.M), f"{op.__name__}: argument {name!r} is not documented"
+
+
+@pytest.mark.parametrize("use_out, use_lse", [(True, False), (True, True), (False, True)])
+def test_eager_path_matches_custom_op(monkeypatch, use_out, use_lse):
+    """Eager calls skip the custom-op dispatcher; results and gradients are those of the op."""
+    import foveal.kernels.neighborhood as nbh
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 6, 7, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(nbh, "_eager_ok", lambda *a, eager=eager: eager)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, rpb)]
+        out, lse = na2d(*leaves[:3], 3, (2, 1), rpb=leaves[3], return_lse=True)
+        loss = (out.sin().sum() if use_out else 0) + (lse.cos().sum() if use_lse else 0)
+        results.append((out, lse) + torch.autograd.grad(loss, leaves))
+        assert ("_EagerNA" in type(out.grad_fn).__name__) == eager
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
