@@ -37,7 +37,10 @@ padded to a power of two (at least 16) and masked; every tail (map edges, ragged
 key blocks) is masked, so any map size works.
 
 Tiles are chosen per problem by a small autotuner (``_tuned``) over ``_candidates`` and cached by
-shape; ``FOVEAL_NA_AUTOTUNE=0`` takes the first candidate. When ``TRITON_INTERPRET=1`` is set
+shape; ``FOVEAL_NA_AUTOTUNE=0`` takes the first candidate. Masks and the bias normally come from
+per-class logit tables (``neighborhood_tables.py``: one contiguous load per logit instead of the
+window tests and the bias gather above); ``FOVEAL_NA_TABLES=0`` or a table over its size bound
+takes the in-kernel path. When ``TRITON_INTERPRET=1`` is set
 before triton is imported, the kernels run in Triton's interpreter and accept CPU tensors: that
 is how the CPU tests check them. Measured numbers per version: ``docs/benchmarks.md``.
 """
