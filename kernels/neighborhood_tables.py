@@ -126,9 +126,6 @@ class TablePlan:
     combo_stride: int  # elements per class: n_it_max * BLOCK_M * BLOCK_N
     masks: dict  # dtype -> cached 0 / -inf table (no bias)
 
-    def elements(self) -> int:
-        return self.index.numel()
-
 
 @functools.lru_cache(maxsize=256)
 def _plan(geo, tile: tuple, n_tiles: tuple, block_n: int, wz: int, keys_major: bool, heads: int, elem: int,
