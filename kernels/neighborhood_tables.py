@@ -164,7 +164,7 @@ def _plan(geo, tile: tuple, n_tiles: tuple, block_n: int, wz: int, keys_major: b
 def plan(geo, cfg, keys_major: bool, heads: int, dtype: torch.dtype, device: torch.device) -> Optional[TablePlan]:
     """The table layout of one launch (cached), or ``None`` when the table would be too large."""
     n_tiles = tuple(-(-g // t) for g, t in zip(geo.group_sizes, cfg.tile))
-    elem = torch.empty(0, dtype=dtype).element_size()
+    elem = dtype.itemsize
     return _plan(geo, tuple(cfg.tile), n_tiles, cfg.block_n, cfg.wz, keys_major, heads, elem, device)
 
 

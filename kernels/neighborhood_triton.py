@@ -780,6 +780,21 @@ def _rpb_log2(rpb: torch.Tensor) -> torch.Tensor:
     return (rpb.to(torch.float32) * _LOG2E).contiguous()
 
 
+def _rpb_operand(rpb: Optional[torch.Tensor], q: torch.Tensor):
+    """``get(use_table)``: the kernels' ``RPB`` operand for one call; the base-2 float32 copy is made
+    once, and only for launches on the in-kernel path (the tables carry the bias otherwise)."""
+    made = []
+
+    def get(use_table: bool) -> torch.Tensor:
+        if rpb is None or use_table:
+            return q.new_empty(0)
+        if not made:
+            made.append(_rpb_log2(rpb))
+        return made[0]
+
+    return get
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -861,15 +876,12 @@ def na_triton_fwd(q, k, v, rpb, kernel_size: Sequence[int], dilation: Sequence[i
         return out, lse
     prec = _dot_precision(q.dtype)
     values = tables.logit_values(rpb, tables.table_dtype(q.dtype)) if rpb is not None and _tables_enabled() else None
-    rpb_log2 = []
+    rpb_arg = _rpb_operand(rpb, q)
 
     def launch(cfg: _Config):
         tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(geo, cfg, False, values, q)
-        if rpb is not None and not use_table and not rpb_log2:
-            rpb_log2.append(_rpb_log2(rpb))
-        rpb_c = rpb_log2[0] if rpb is not None and not use_table else q.new_empty(0)
         _na_fwd[_grid(cfg, geo, B, heads)](
-            q, k, v, rpb_c, out, lse, tab, cls,
+            q, k, v, rpb_arg(use_table), out, lse, tab, cls,
             *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False),
             *_common_args(geo, heads), scale * _LOG2E, *cfg.n_tiles(geo), tab_h, tab_c, ncy, ncz,
             *geo.causal, n, rpb is not None, scale > 0, use_table,
@@ -901,14 +913,7 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
         return dq.zero_(), dk.zero_(), dv.zero_(), (torch.zeros_like(rpb) if has_rpb else None)
     prec = _dot_precision(q.dtype)
     values = tables.logit_values(rpb, tables.table_dtype(q.dtype)) if has_rpb and _tables_enabled() else None
-    rpb_log2 = []
-
-    def rpb_arg(use_table: bool):
-        if not has_rpb or use_table:
-            return q.new_empty(0)
-        if not rpb_log2:
-            rpb_log2.append(_rpb_log2(rpb))
-        return rpb_log2[0]
+    rpb_arg = _rpb_operand(rpb, q)
 
     delta = torch.empty(B, heads, *geo.sizes, dtype=torch.float32, device=q.device)
     glse = grad_lse if grad_lse is not None else lse
