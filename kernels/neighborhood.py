@@ -118,8 +118,9 @@ torch.library.register_autograd("foveal::na_fwd", _backward, setup_context=_setu
 class _EagerNA(torch.autograd.Function):
     """The same computation as ``foveal::na_fwd`` and its autograd, without the custom-op dispatcher.
 
-    Eager calls on plain tensors take this path: the Python dispatch of a custom op costs more host
-    time than a small kernel (models with tens of NA layers become host bound). Anything that needs
+    Eager calls on plain tensors (parameters included) that need gradients take this path, and eager
+    calls with nothing to differentiate run the backend directly: the Python dispatch of a custom op
+    costs more host time than a small kernel (models with tens of NA layers become host bound). Anything that needs
     to see the op (torch.compile, export, fake/meta tensors, tensor subclasses, dispatch modes such
     as the FLOP counter, functorch transforms) goes through the custom op.
     """
@@ -147,7 +148,14 @@ def _eager_ok(q, k, v, rpb) -> bool:
         return False
     if torch._C._are_functorch_transforms_active():
         return False
-    return all(type(t) is Tensor and t.device.type != "meta" for t in (q, k, v, rpb) if t is not None)
+    for t in (q, k, v, rpb):
+        # nn.Parameter (the models' rpb) is a plain tensor to the dispatcher: it disables torch_function
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 # -- FLOP counting --------------------------------------------------------------------------------
@@ -259,7 +267,12 @@ def neighborhood_attention(
     cfg = dict(kernel_size=kernel_size, dilation=dilation, stride=stride, is_causal=is_causal)
     name = NA_BACKENDS.choose(backend, q, k, v, rpb, **cfg)
     args = (q, k, v, rpb, list(kernel_size), list(dilation), list(stride), list(is_causal), scale, name)
-    out, lse = _EagerNA.apply(*args) if _eager_ok(q, k, v, rpb) else _na_fwd(*args)
+    if not _eager_ok(q, k, v, rpb):
+        out, lse = _na_fwd(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb)):
+        out, lse = _EagerNA.apply(*args)
+    else:  # nothing to differentiate: no autograd node
+        out, lse = NA_BACKENDS[name].fwd(q, k, v, rpb, *args[4:-1])
     return (out, lse) if return_lse else out
 
 

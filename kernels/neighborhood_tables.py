@@ -125,6 +125,7 @@ class TablePlan:
     n_rel: int
     combo_stride: int  # elements per class: n_it_max * BLOCK_M * BLOCK_N
     masks: dict  # dtype -> cached 0 / -inf table (no bias)
+    flat_index: torch.Tensor  # index.view(-1), for the per-call gather
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,8 +158,9 @@ def _plan(geo, tile: tuple, n_tiles: tuple, block_n: int, wz: int, keys_major: b
                 index[combo, :n_it] = flat.view(block_m, n_it, block_n).transpose(0, 1)
                 combo += 1
     cls = torch.tensor([i for ids, _ in axes for i in ids], dtype=torch.int32)
-    return TablePlan(cls=cls.to(device), n_classes=tuple(len(mats) for _, mats in axes), index=index.to(device),
-                     n_rel=n_rel, combo_stride=n_it_max * block_m * block_n, masks={})
+    index = index.to(device)
+    return TablePlan(cls=cls.to(device), n_classes=tuple(len(mats) for _, mats in axes), index=index,
+                     n_rel=n_rel, combo_stride=n_it_max * block_m * block_n, masks={}, flat_index=index.view(-1))
 
 
 def plan(geo, cfg, keys_major: bool, heads: int, dtype: torch.dtype, device: torch.device) -> Optional[TablePlan]:
@@ -175,11 +177,9 @@ def table_dtype(q_dtype: torch.dtype) -> torch.dtype:
 
 def logit_values(rpb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[heads, n_rel + 1]``: ``log2(e) * rpb`` flattened, then ``-inf`` (the masked sentinel)."""
-    heads = rpb.shape[0]
-    values = torch.empty(heads, rpb[0].numel() + 1, dtype=dtype, device=rpb.device)
-    torch.mul(rpb.reshape(heads, -1), 1.4426950408889634, out=values[:, :-1])
-    values[:, -1] = float("-inf")
-    return values
+    # few small ops: this runs once per call, and models make tens of calls per step
+    scaled = (rpb.reshape(rpb.shape[0], -1) * 1.4426950408889634).to(dtype)
+    return torch.nn.functional.pad(scaled, (0, 1), value=float("-inf"))
 
 
 def bias_table(p: TablePlan, values: Optional[torch.Tensor], dtype: torch.dtype):
@@ -192,4 +192,4 @@ def bias_table(p: TablePlan, values: Optional[torch.Tensor], dtype: torch.dtype)
             zero[-1] = float("-inf")
             table = p.masks[dtype] = zero[p.index]
         return table, 0
-    return values[:, p.index.view(-1)], p.index.numel()
+    return torch.index_select(values, 1, p.flat_index), p.flat_index.numel()

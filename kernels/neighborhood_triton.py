@@ -654,6 +654,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=1024)
 def _rpb_pads(geo: _Geometry) -> tuple:
     rx, ry, rz = geo.rel_shape
     rxyp = 1 if geo.ndim == 1 else max(16, _next_pow2(rx * ry))
@@ -801,9 +802,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _problem_key(kind, q, v, geo, has_rpb, extra=()):
-    return (kind, geo, tuple(q.shape), v.shape[-1], q.dtype, has_rpb, _dot_precision(q.dtype),
-            _tables_enabled()) + tuple(extra)
+def _problem_key(kind, q, v, geo, has_rpb, prec, tables_on, extra=()):
+    return (kind, geo, q.shape, v.shape[-1], q.dtype, has_rpb, prec, tables_on) + tuple(extra)
 
 
 def _common_args(geo: _Geometry, heads: int):
@@ -822,13 +822,27 @@ def _tables_enabled() -> bool:
     return os.environ.get("FOVEAL_NA_TABLES", "1") != "0"
 
 
-def _table_args(geo: _Geometry, cfg: _Config, keys_major: bool, values, q: torch.Tensor) -> tuple:
+@dataclass(frozen=True)
+class _Setup:
+    """The tensor-independent part of one launch: grid, tile counts and the table plan."""
+
+    grid: tuple
+    n_tiles: tuple
+    plan: Optional[tables.TablePlan]  # None: masks (and the bias) computed in the kernel
+
+
+@functools.lru_cache(maxsize=1024)
+def _setup(geo: _Geometry, cfg: _Config, batch: int, heads: int, keys_major: bool, table_heads: int,
+           table_dtype: torch.dtype, device: torch.device, tables_on: bool) -> _Setup:
+    # cached: models call the op tens of times per step with a handful of shapes, and the host
+    # time of a call is comparable to a small kernel's run time
+    plan = tables.plan(geo, cfg, keys_major, table_heads, table_dtype, device) if tables_on else None
+    return _Setup(_grid(cfg, geo, batch, heads), cfg.n_tiles(geo), plan)
+
+
+def _table_args(setup: _Setup, values, dtype: torch.dtype, q: torch.Tensor) -> tuple:
     """(table, class ids, head stride, class stride, classes y, classes z, use) for one launch."""
-    dtype = tables.table_dtype(q.dtype)
-    p = None
-    if _tables_enabled():
-        heads = 1 if values is None else values.shape[0]
-        p = tables.plan(geo, cfg, keys_major, heads, dtype, q.device)
+    p = setup.plan
     if p is None:
         empty = q.new_empty(0, dtype=torch.int32)
         return empty, empty, 0, 0, 1, 1, False
@@ -838,14 +852,14 @@ def _table_args(geo: _Geometry, cfg: _Config, keys_major: bool, values, q: torch
 
 def na_triton_probe(q, k, v, rpb, *, kernel_size, dilation, stride, is_causal) -> Optional[str]:
     """None when the Triton backend can run the call, otherwise the reason it cannot."""
-    if q.device.type == "cpu":
+    if not q.is_cuda:
+        if not q.is_cpu:
+            return f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device={q.device}"
         if not _interpreting():
             if os.environ.get("TRITON_INTERPRET", "0") == "1":
                 return ("CPU tensors need Triton's interpreter, but TRITON_INTERPRET=1 was set after triton was "
                         "imported; set it before the first import")
             return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
-    elif q.device.type != "cuda":
-        return f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device={q.device}"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"supports float16, bfloat16 and float32, got dtype={q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
@@ -874,24 +888,29 @@ def na_triton_fwd(q, k, v, rpb, kernel_size: Sequence[int], dilation: Sequence[i
         lse = torch.empty(q.shape[:-1], dtype=lse_dtype(q.dtype), device=q.device)
     if q.numel() == 0 or v.numel() == 0:
         return out, lse
+    has_rpb = rpb is not None
     prec = _dot_precision(q.dtype)
-    values = tables.logit_values(rpb, tables.table_dtype(q.dtype)) if rpb is not None and _tables_enabled() else None
+    tables_on = _tables_enabled()
+    tdtype = tables.table_dtype(q.dtype)
+    values = tables.logit_values(rpb, tdtype) if has_rpb and tables_on else None
+    table_heads = 1 if values is None else heads
     rpb_arg = _rpb_operand(rpb, q)
+    tensor_args = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False),
+                   *_common_args(geo, heads), scale * _LOG2E)
 
     def launch(cfg: _Config):
-        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(geo, cfg, False, values, q)
-        _na_fwd[_grid(cfg, geo, B, heads)](
-            q, k, v, rpb_arg(use_table), out, lse, tab, cls,
-            *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False),
-            *_common_args(geo, heads), scale * _LOG2E, *cfg.n_tiles(geo), tab_h, tab_c, ncy, ncz,
-            *geo.causal, n, rpb is not None, scale > 0, use_table,
+        setup = _setup(geo, cfg, B, heads, False, table_heads, tdtype, q.device, tables_on)
+        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(setup, values, tdtype, q)
+        _na_fwd[setup.grid](
+            q, k, v, rpb_arg(use_table), out, lse, tab, cls, *tensor_args, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
+            *geo.causal, n, has_rpb, scale > 0, use_table,
             *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        cfg = _tuned(_problem_key("fwd", q, v, geo, rpb is not None),
-                     lambda: _candidates("fwd", geo, max(D, Dv), rpb is not None), launch)
+        cfg = _tuned(_problem_key("fwd", q, v, geo, has_rpb, prec, tables_on),
+                     lambda: _candidates("fwd", geo, max(D, Dv), has_rpb), launch)
         launch(cfg)
     return out, lse
 
@@ -912,7 +931,10 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), (torch.zeros_like(rpb) if has_rpb else None)
     prec = _dot_precision(q.dtype)
-    values = tables.logit_values(rpb, tables.table_dtype(q.dtype)) if has_rpb and _tables_enabled() else None
+    tables_on = _tables_enabled()
+    tdtype = tables.table_dtype(q.dtype)
+    values = tables.logit_values(rpb, tdtype) if has_rpb and tables_on else None
+    table_heads = 1 if values is None else heads
     rpb_arg = _rpb_operand(rpb, q)
 
     delta = torch.empty(B, heads, *geo.sizes, dtype=torch.float32, device=q.device)
@@ -921,24 +943,27 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
     rxyp, rzp = _rpb_pads(geo) if has_rpb else (1, 1)
     n_rel = math.prod(geo.rel_shape)
     drpb_buf = {}
+    common = (*_common_args(geo, heads), scale * _LOG2E, scale)
+    dq_args = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(grad_out, n),
+               *_strides(lse, n, False), *_strides(glse, n, False), *_strides(dq, n), *common)
+    dkdv_args = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(grad_out, n), *_strides(lse, n, False),
+                 *_strides(dk, n), *_strides(dv, n), *common)
 
-    def drpb_target(cfg: _Config):
+    def drpb_target(setup: _Setup):
         # deterministic: one row per program, summed below in a fixed order; else atomics into [h, n_rel]
         if not has_rpb:
             return q.new_empty(0, dtype=torch.float32)
         if deterministic:
-            rows = _grid(cfg, geo, B, heads)[0]
-            return torch.empty(rows, n_rel, dtype=torch.float32, device=q.device)
+            return torch.empty(setup.grid[0], n_rel, dtype=torch.float32, device=q.device)
         return torch.zeros(heads, n_rel, dtype=torch.float32, device=q.device)
 
     def launch_dq(cfg: _Config):
-        drpb_buf[cfg] = buf = drpb_target(cfg)
-        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(geo, cfg, False, values, q)
-        _na_bwd_dq[_grid(cfg, geo, B, heads)](
+        setup = _setup(geo, cfg, B, heads, False, table_heads, tdtype, q.device, tables_on)
+        drpb_buf[cfg] = buf = drpb_target(setup)
+        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(setup, values, tdtype, q)
+        _na_bwd_dq[setup.grid](
             q, k, v, rpb_arg(use_table), out, grad_out, lse, glse, delta, dq, buf, tab, cls,
-            *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(grad_out, n),
-            *_strides(lse, n, False), *_strides(glse, n, False), *_strides(dq, n),
-            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo), tab_h, tab_c, ncy, ncz,
+            *dq_args, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
             *geo.causal, n, has_rpb, grad_lse is not None, deterministic, use_table,
             *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec, rxyp, rzp,
             "tf32x3" if q.dtype == torch.float32 else "tf32",
@@ -946,12 +971,11 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
         )
 
     def launch_dkdv(cfg: _Config):
-        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(geo, cfg, True, values, q)
-        _na_bwd_dkdv[_grid(cfg, geo, B, heads)](
+        setup = _setup(geo, cfg, B, heads, True, table_heads, tdtype, q.device, tables_on)
+        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(setup, values, tdtype, q)
+        _na_bwd_dkdv[setup.grid](
             q, k, v, rpb_arg(use_table), grad_out, lse, delta, dk, dv, tab, cls,
-            *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(grad_out, n), *_strides(lse, n, False),
-            *_strides(dk, n), *_strides(dv, n),
-            *_common_args(geo, heads), scale * _LOG2E, scale, *cfg.n_tiles(geo), tab_h, tab_c, ncy, ncz,
+            *dkdv_args, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
             *geo.causal, n, has_rpb, use_table,
             *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -959,10 +983,10 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
 
     extra = (grad_lse is not None, deterministic)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        cfg_dq = _tuned(_problem_key("dq", q, v, geo, has_rpb, extra), lambda: _candidates("dq", geo, max(D, Dv), has_rpb),
-                        launch_dq)
+        cfg_dq = _tuned(_problem_key("dq", q, v, geo, has_rpb, prec, tables_on, extra),
+                        lambda: _candidates("dq", geo, max(D, Dv), has_rpb), launch_dq)
         launch_dq(cfg_dq)  # the run that counts (delta and dRPB come from it)
-        cfg_kv = _tuned(_problem_key("dkdv", q, v, geo, has_rpb, extra),
+        cfg_kv = _tuned(_problem_key("dkdv", q, v, geo, has_rpb, prec, tables_on, extra),
                         lambda: _candidates("dkdv", geo, max(D, Dv), has_rpb), launch_dkdv)
         launch_dkdv(cfg_kv)
     drpb = None

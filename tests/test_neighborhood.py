@@ -315,3 +315,19 @@ def test_eager_path_matches_custom_op(monkeypatch, use_out, use_lse):
         assert ("_EagerNA" in type(out.grad_fn).__name__) == eager
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_model_parameters_take_the_eager_path():
+    """A layer's rpb is an nn.Parameter: still a plain tensor to the eager path (no dispatcher);
+    calls with nothing to differentiate build no autograd node, and give the same output."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 7, 6, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    rpb = torch.nn.Parameter(torch.randn(2, 5, 5, generator=g, dtype=torch.float64))
+    out = na2d(q, k, v, 3, rpb=rpb)
+    assert "_EagerNA" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        plain = na2d(q, k, v, 3, rpb=rpb)
+    assert plain.grad_fn is None and not plain.requires_grad
+    torch.testing.assert_close(plain, out.detach(), rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(na2d(q, k, v, 3, rpb=rpb), plain, rtol=0, atol=0)

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Host (CPU-side) time of one neighborhood-attention call, the cost that makes eager models with
+tens of NA layers host bound.
+
+Times ``na2d`` on a tiny map (so the GPU, when there is one, finishes long before the host issues
+the next call) through the paths a model takes: inference (no autograd node), forward+backward
+through the eager autograd path, and the same through the ``foveal::na_fwd`` custom-op dispatcher.
+The bias is an ``nn.Parameter``, as in the NAT/DiNAT layers.
+
+``--device cpu`` (the default) replaces the Triton kernel launches by no-ops, so what is timed is
+foveal's own Python and PyTorch's dispatch, on any machine. ``--device cuda`` launches the real
+kernels and times the wall clock of many calls followed by one synchronize.
+
+    python tools/bench_host.py                   # CPU, kernel launches stubbed
+    python tools/bench_host.py --device cuda     # real launches on a GPU
+"""
+import argparse
+import os
+import sys
+import timeit
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--shape", default="1,7,7,2,32", help="B,H,W,heads,head_dim (default: 1,7,7,2,32)")
+    parser.add_argument("--kernel-size", type=int, default=3)
+    parser.add_argument("--dilation", type=int, default=2)
+    parser.add_argument("--number", type=int, default=200, help="calls per timing (default: 200)")
+    parser.add_argument("--repeat", type=int, default=9, help="timings; the fastest is reported (default: 9)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend accepts CPU tensors; launches are stubbed below
+    import torch
+    import foveal.kernels.neighborhood as nbh
+    import foveal.kernels.neighborhood_triton as nt
+    from foveal.kernels import na2d
+
+    if args.device == "cpu":
+        class _NoLaunch:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: None
+
+        for name in ("_na_fwd", "_na_bwd_dq", "_na_bwd_dkdv"):
+            setattr(nt, name, _NoLaunch())
+        nt._interpreting = lambda: True  # it looks at the kernel objects replaced above
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+
+    B, H, W, heads, D = (int(x) for x in args.shape.split(","))
+    ks, dil = args.kernel_size, args.dilation
+    dev = torch.device(args.device)
+    qkv = torch.randn(B, H, W, 3, heads, D, device=dev, requires_grad=True)
+    q, k, v = qkv.unbind(3)
+    rpb = torch.nn.Parameter(torch.randn(heads, 2 * ks - 1, 2 * ks - 1, device=dev))
+    grad = torch.randn(B, H, W, heads, D, device=dev)
+
+    def infer():
+        with torch.no_grad():
+            na2d(q, k, v, ks, dil, rpb=rpb, backend="triton")
+
+    def train():
+        na2d(q, k, v, ks, dil, rpb=rpb, backend="triton").backward(grad)
+
+    eager_ok = nbh._eager_ok
+
+    def train_custom_op():
+        nbh._eager_ok = lambda *a: False
+        try:
+            train()
+        finally:
+            nbh._eager_ok = eager_ok
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    for label, fn in (("forward, no grad", infer), ("forward+backward, eager path", train),
+                      ("forward+backward, custom-op dispatcher", train_custom_op)):
+        for _ in range(20):
+            fn()
+        sync()
+
+        def run(fn=fn):
+            for _ in range(args.number):
+                fn()
+            sync()
+
+        best = min(timeit.repeat(run, number=1, repeat=args.repeat)) / args.number
+        rows.append((label, best * 1e6))
+
+    launches = "stubbed (no-op)" if dev.type == "cpu" else "real"
+    print(f"device {args.device}, kernel launches {launches}, q/k/v [{B}, {H}, {W}, {heads}, {D}] "
+          f"(slices of one qkv tensor), kernel_size {ks}, dilation {dil}, rpb nn.Parameter; "
+          f"torch {torch.__version__}; fastest of {args.repeat} x {args.number} calls")
+    print("\n| path | host us / call |\n|---|---:|")
+    for label, us in rows:
+        print(f"| {label} | {us:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
