@@ -141,6 +141,30 @@ def test_param_count_tolerance_table():
                       'dinat_isotropic_base'}
 
 
+def _count(name: str, **kwargs) -> int:
+    return sum(p.numel() for p in timm.create_model(name, device='meta', **kwargs).parameters())
+
+
+@pytest.mark.parametrize('name, swin, extra_heads', [
+    ('dinat_s_tiny', 'swin_tiny_patch4_window7_224', 0), ('dinat_s_small', 'swin_small_patch4_window7_224', 0),
+    ('dinat_s_base', 'swin_base_patch4_window7_224', 0),
+    # Swin-L has 6 / 12 / 24 / 48 heads, the authors' DiNAT_s-L 4 / 8 / 16 / 32
+    ('dinat_s_large', 'swin_large_patch4_window7_224', 2 * 2 + 2 * 4 + 18 * 8 + 2 * 16),
+])
+def test_dinat_s_counts_equal_timm_swin(name, swin, extra_heads):
+    """An independent check of the counts SPEC rounds: DiNAT_s is Swin with NA / DiNA in place of
+    W-MSA / SW-MSA, and ``rpb [heads, 13, 13]`` holds what Swin's ``[169, heads]`` table holds."""
+    assert _count(name) == _count(swin) - 169 * extra_heads
+
+
+@pytest.mark.parametrize('name, dim, heads', [('nat_isotropic_small', 384, 12), ('nat_isotropic_base', 768, 24)])
+def test_isotropic_counts_match_the_published_architecture(name, dim, heads):
+    """Patch-16 conv + LN, 12 pre-norm blocks (qkv, rpb [heads, 13, 13], proj, MLP x4), LN, head."""
+    block = 2 * 2 * dim + (dim * 3 * dim + 3 * dim) + heads * 13 * 13 + (dim * dim + dim) + 2 * (4 * dim * dim) + 5 * dim
+    stem = 3 * 16 * 16 * dim + dim + 2 * dim
+    assert _count(name) == stem + 12 * block + 2 * dim + dim * 1000 + 1000
+
+
 @pytest.mark.parametrize('name', sorted(GFLOPS))
 def test_flops_at_224(name):
     """torch's counter (one multiply-add = 2 FLOPs, attention through the na_fwd formula) / 2 vs the papers."""

@@ -284,7 +284,45 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
             nn.init.zeros_(module.bias)
 
 
-class NAT(nn.Module):
+class _NATBase(nn.Module):
+    """The timm API shared by the hierarchical and isotropic models (a ClassifierHead ``head`` over
+    NHWC features, relative positional biases named ``*.rpb``)."""
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Relative positional biases take no weight decay (1-D params are excluded by timm already)."""
+        return {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """Get the classifier head."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Reset the classifier head.
+
+        Args:
+            num_classes: Number of classes for new classifier, 0 to remove it.
+            global_pool: Global pooling type, unchanged if None.
+        """
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
+        self.head_hidden_size = self.head.num_features
+        if global_pool is not None:
+            self.global_pool = global_pool
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool and classify (B, H, W, C) features; pre_logits returns the pooled features."""
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+class NAT(_NATBase):
     """Hierarchical neighborhood attention transformer: NAT, DiNAT and DiNAT_s."""
 
     def __init__(
@@ -412,11 +450,6 @@ class NAT(nn.Module):
         self.apply(_init_weights)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Relative positional biases take no weight decay (1-D params are excluded by timm already)."""
-        return {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Group parameters for optimization (layer-wise LR decay)."""
         return dict(
@@ -433,25 +466,6 @@ class NAT(nn.Module):
         """Enable or disable gradient checkpointing."""
         for stage in self.levels:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """Get the classifier head."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Reset the classifier head.
-
-        Args:
-            num_classes: Number of classes for new classifier, 0 to remove it.
-            global_pool: Global pooling type, unchanged if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
 
     def forward_intermediates(
             self,
@@ -537,17 +551,8 @@ class NAT(nn.Module):
         x = self.norm(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool and classify (B, H, W, C) features; pre_logits returns the pooled features."""
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
-
-
-class NATIsotropic(nn.Module):
+class NATIsotropic(_NATBase):
     """Isotropic (ViT-like, single-resolution) neighborhood attention transformer."""
 
     def __init__(
@@ -647,11 +652,6 @@ class NATIsotropic(nn.Module):
         self.apply(_init_weights)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Relative positional biases take no weight decay (1-D params are excluded by timm already)."""
-        return {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Group parameters for optimization (layer-wise LR decay)."""
         return dict(
@@ -663,25 +663,6 @@ class NATIsotropic(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Enable or disable gradient checkpointing."""
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """Get the classifier head."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Reset the classifier head.
-
-        Args:
-            num_classes: Number of classes for new classifier, 0 to remove it.
-            global_pool: Global pooling type, unchanged if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
 
     def forward_intermediates(
             self,
@@ -764,15 +745,6 @@ class NATIsotropic(nn.Module):
         else:
             x = self.layers(x)
         x = self.norm(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool and classify (B, H, W, C) features; pre_logits returns the pooled features."""
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
         return x
 
 
