@@ -25,7 +25,7 @@ from foveal._checkpoint import UnsafeCheckpointError, foreign_state_dict, load_f
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
-SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub")
+SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub", "bench_host")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 sys.path.insert(0, str(TOOLS))
@@ -87,6 +87,15 @@ def test_every_script_answers_help():
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, f"{name}.py --help failed:\n{err}"
         assert "usage:" in out and "--" in out, name
+
+
+def test_bench_host_times_every_path_on_cpu():
+    run = subprocess.run([sys.executable, str(TOOLS / "bench_host.py"), "--number", "5", "--repeat", "2"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line.rstrip().endswith(" |")]
+    assert len(rows) == 4 and "stubbed" in run.stdout  # header + 3 paths
+    assert all(float(r.split("|")[2]) > 0 for r in rows[1:])
 
 
 # -- train ----------------------------------------------------------------------------------------
