@@ -120,9 +120,9 @@ class _EagerNA(torch.autograd.Function):
 
     Eager calls on plain tensors (parameters included) that need gradients take this path, and eager
     calls with nothing to differentiate run the backend directly: the Python dispatch of a custom op
-    costs more host time than a small kernel (models with tens of NA layers become host bound). Anything that needs
-    to see the op (torch.compile, export, fake/meta tensors, tensor subclasses, dispatch modes such
-    as the FLOP counter, functorch transforms) goes through the custom op.
+    costs more host time than a small kernel (models with tens of NA layers become host bound).
+    Anything that needs to see the op (torch.compile, export, fake/meta tensors, tensor subclasses,
+    dispatch modes such as the FLOP counter, functorch transforms) goes through the custom op.
     """
 
     @staticmethod

@@ -831,7 +831,7 @@ class _Setup:
     plan: Optional[tables.TablePlan]  # None: masks (and the bias) computed in the kernel
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)  # the bound of the table-plan cache, whose plans it holds
 def _setup(geo: _Geometry, cfg: _Config, batch: int, heads: int, keys_major: bool, table_heads: int,
            table_dtype: torch.dtype, device: torch.device, tables_on: bool) -> _Setup:
     # cached: models call the op tens of times per step with a handful of shapes, and the host
