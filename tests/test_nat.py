@@ -107,8 +107,9 @@ def test_layer_argument_errors_and_repr():
     assert layer.rpb.shape == (2, 13, 13)
 
 
-@pytest.mark.parametrize('cls', [NeighborhoodAttention2d, foveal.nat.NATBlock, foveal.nat.ConvTokenizer,
-                                 foveal.nat.ConvDownsample, foveal.nat.NATStage, NAT, NATIsotropic])
+@pytest.mark.parametrize('cls', [NeighborhoodAttention2d, foveal.layers.RecomputeMlp, foveal.nat.NATBlock,
+                                 foveal.nat.ConvTokenizer, foveal.nat.ConvDownsample, foveal.nat.NATStage, NAT,
+                                 NATIsotropic])
 def test_every_argument_is_documented(cls):
     doc = cls.__init__.__doc__ or ''
     args = [a for a in inspect.signature(cls.__init__).parameters if a not in ('self', 'device', 'dtype')]
@@ -274,13 +275,15 @@ def test_torch_compile_fullgraph_forward_backward():
     x = torch.randn(2, 3, 40, 40)
     ref = model(x)
     ref.sum().backward()
-    ref_grad = model.levels[0].blocks[0].attn.rpb.grad.clone()
+    block = model.levels[0].blocks[0]
+    ref_grads = [p.grad.clone() for p in (block.attn.rpb, block.mlp.fc1.weight, block.mlp.fc2.weight)]
     model.zero_grad()
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.levels[0].blocks[0].attn.rpb.grad, ref_grad, rtol=1e-4, atol=1e-5)
+    for p, ref_grad in zip((block.attn.rpb, block.mlp.fc1.weight, block.mlp.fc2.weight), ref_grads):
+        torch.testing.assert_close(p.grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from foveal._checkpoint import UnsafeCheckpointError, foreign_state_dict, load_f
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
-SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub", "bench_host")
+SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub", "bench_host", "saved_activations")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 sys.path.insert(0, str(TOOLS))
@@ -96,6 +96,16 @@ def test_bench_host_times_every_path_on_cpu():
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line.rstrip().endswith(" |")]
     assert len(rows) == 4 and "stubbed" in run.stdout  # header + 3 paths
     assert all(float(r.split("|")[2]) > 0 for r in rows[1:])
+
+
+def test_saved_activations_counts_the_recompute_mlp_saving():
+    import saved_activations
+
+    def per_image(timm_mlp):
+        small, large = (saved_activations.saved_bytes("test_nat", b, 64, torch.bfloat16, timm_mlp) for b in (2, 4))
+        return (large - small) / 2
+
+    assert 0 < per_image(False) < per_image(True)
 
 
 # -- train ----------------------------------------------------------------------------------------

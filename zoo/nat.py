@@ -29,14 +29,16 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
 
-from .layers import NeighborhoodAttention2d
+from .layers import NeighborhoodAttention2d, RecomputeMlp
 
 __all__ = ['NAT', 'NATIsotropic']  # model_registry will add each entrypoint fn to this
 
 _int_or_seq_t = Union[int, Sequence[int]]
 
-# the attention module is a leaf for torch.fx: its padding depends on the input size
+# leaves for torch.fx: the attention module's padding depends on the input size, and the MLP's
+# training path is an autograd.Function
 register_notrace_module(NeighborhoodAttention2d)
+register_notrace_module(RecomputeMlp)
 
 
 def _resolve_dilations(
@@ -103,13 +105,16 @@ class NATBlock(nn.Module):
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(
-            in_features=dim,
-            hidden_features=int(dim * mlp_ratio),
-            act_layer=act_layer,
-            drop=proj_drop,
-            **dd,
-        )
+        if act_layer is nn.GELU:  # same parameters and outputs; the backward keeps one hidden tensor, not two
+            self.mlp = RecomputeMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        else:
+            self.mlp = Mlp(
+                in_features=dim,
+                hidden_features=int(dim * mlp_ratio),
+                act_layer=act_layer,
+                drop=proj_drop,
+                **dd,
+            )
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         if ls_init_value is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(ls_init_value), **dd))
