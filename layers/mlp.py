@@ -33,8 +33,7 @@ class _GeluLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor):  # differentiable ops: double backward works as for timm's Mlp
         a, weight = ctx.saved_tensors
         h = F.gelu(a, approximate=ctx.approximate)
         dtype = grad_out.dtype  # the forward's compute dtype (autocast's, when it was on)

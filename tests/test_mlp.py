@@ -78,3 +78,9 @@ def test_falls_back_to_timm_forward():
         assert ours(x).grad_fn is None
     scripted = torch.jit.script(ours.eval())
     torch.testing.assert_close(scripted(x), ours(x))
+
+
+def test_double_backward():
+    ours, _ = _pair()
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda t: ours(t), (x,))
