@@ -9,6 +9,9 @@ activations under bf16 autocast is one such tensor. Parameters, names and result
 
 The fused node is used while training with gradients enabled and no dropout between the two
 layers; otherwise (eval, dropout, TorchScript) the module runs timm's forward.
+
+Not ``torch.utils.checkpoint`` with a selective-recompute policy: that runs every op of the region
+under a Python dispatch mode, host time that eager NAT training (tens of blocks) cannot spare.
 """
 import torch
 import torch.nn.functional as F
