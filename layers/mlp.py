@@ -13,6 +13,8 @@ layers; otherwise (eval, dropout, TorchScript) the module runs timm's forward.
 Not ``torch.utils.checkpoint`` with a selective-recompute policy: that runs every op of the region
 under a Python dispatch mode, host time that eager NAT training (tens of blocks) cannot spare.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,7 +40,6 @@ class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # differentiable ops: double backward works as for timm's Mlp
         a, weight = ctx.saved_tensors
-        h = F.gelu(a, approximate=ctx.approximate)
         dtype = grad_out.dtype  # the forward's compute dtype (autocast's, when it was on)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_a = grad_weight = grad_bias = None
@@ -46,6 +47,7 @@ class _GeluLinear(torch.autograd.Function):
             grad_h = grad_out @ weight.to(dtype)
             grad_a = torch.ops.aten.gelu_backward(grad_h.to(a.dtype), a, approximate=ctx.approximate)
         if ctx.needs_input_grad[1]:
+            h = F.gelu(a, approximate=ctx.approximate)  # bitwise the forward's
             grad_weight = (g2.t() @ h.reshape(-1, h.shape[-1]).to(dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
@@ -58,8 +60,8 @@ class RecomputeMlp(Mlp):
     def __init__(
             self,
             in_features: int,
-            hidden_features: int = None,
-            out_features: int = None,
+            hidden_features: Optional[int] = None,
+            out_features: Optional[int] = None,
             approximate: str = "none",
             bias: bool = True,
             drop: float = 0.,
@@ -87,6 +89,7 @@ class RecomputeMlp(Mlp):
         if (not torch.jit.is_scripting() and self.training and torch.is_grad_enabled()
                 and self.drop1.p == 0. and self.drop2.p == 0.):
             return self._fused(x)
+        # timm's forward, written out: TorchScript cannot call super().forward
         x = self.fc1(x)
         x = self.act(x)
         x = self.drop1(x)
