@@ -44,8 +44,8 @@ takes the in-kernel path. When ``TRITON_INTERPRET=1`` is set
 before triton is imported, the kernels run in Triton's interpreter and accept CPU tensors: that
 is how the CPU tests check them. Measured numbers per version: ``docs/benchmarks.md``.
 """
-import contextlib
 import functools
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -54,10 +54,10 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 from . import neighborhood_tables as tables
 from .backends import logger
+from .launch import Launcher, aligned, interpreting, on_device, persistent
 from .neighborhood_reference import lse_dtype
 
 __all__ = ["na_triton_probe", "na_triton_fwd", "na_triton_bwd", "MAX_HEAD_DIM", "MAX_RPB_SPAN", "MAX_RPB_ROW"]
@@ -70,8 +70,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    # Triton fixes interpreter mode when it is imported (its own library is jit-decorated too)
-    return isinstance(_na_fwd, InterpretedFunction)
+    return interpreting(_na_fwd)
 
 
 # -- device helpers -------------------------------------------------------------------------------
@@ -603,6 +602,21 @@ def _na_bwd_dkdv(
              + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=_row_mask(k_ok, offs_dv, HEAD_DIM_V, BLOCK_DV))
 
 
+# -- logit tables ---------------------------------------------------------------------------------
+
+@triton.jit
+def _na_logit_table(RPB, IDX, TAB, n_idx, n_rel, BLOCK: tl.constexpr):
+    # TAB[h, i] = log2(e) * rpb[h, IDX[i]], or -inf where IDX[i] is the masked sentinel n_rel: one
+    # launch per call builds the table the attention kernels load (neighborhood_tables.py)
+    h = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_idx
+    idx = tl.load(IDX + offs, mask=ok, other=0)
+    hit = ok & (idx < n_rel)
+    val = tl.load(RPB + h * n_rel + idx, mask=hit, other=0.0).to(tl.float32) * 1.4426950408889634
+    tl.store(TAB + h * n_idx + offs, tl.where(hit, val, float("-inf")).to(TAB.dtype.element_ty), mask=ok)
+
+
 # -- host side ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -746,7 +760,10 @@ def _candidates(kind: str, geo: _Geometry, head_dim: int, has_rpb: bool) -> list
     return list(dict.fromkeys(out))
 
 
+# Per problem (shapes, dtypes, options): the tuned config; per call signature (the problem plus
+# strides, alignment and scale): a ready launch plan. One dict, so resetting it resets both.
 _TUNED: dict = {}
+_MAX_PLANS = 4096
 
 
 def _autotune_enabled() -> bool:
@@ -777,23 +794,8 @@ def _tuned(key, candidates, launch) -> _Config:
 
 
 def _rpb_log2(rpb: torch.Tensor) -> torch.Tensor:
-    # the kernels work in base 2: the bias table enters pre-multiplied by log2(e), in float32
+    # the in-kernel path works in base 2: the bias enters pre-multiplied by log2(e), in float32
     return (rpb.to(torch.float32) * _LOG2E).contiguous()
-
-
-def _rpb_operand(rpb: Optional[torch.Tensor], q: torch.Tensor):
-    """``get(use_table)``: the kernels' ``RPB`` operand for one call; the base-2 float32 copy is made
-    once, and only for launches on the in-kernel path (the tables carry the bias otherwise)."""
-    made = []
-
-    def get(use_table: bool) -> torch.Tensor:
-        if rpb is None or use_table:
-            return q.new_empty(0)
-        if not made:
-            made.append(_rpb_log2(rpb))
-        return made[0]
-
-    return get
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -834,20 +836,74 @@ class _Setup:
 @functools.lru_cache(maxsize=256)  # the bound of the table-plan cache, whose plans it holds
 def _setup(geo: _Geometry, cfg: _Config, batch: int, heads: int, keys_major: bool, table_heads: int,
            table_dtype: torch.dtype, device: torch.device, tables_on: bool) -> _Setup:
-    # cached: models call the op tens of times per step with a handful of shapes, and the host
-    # time of a call is comparable to a small kernel's run time
-    plan = tables.plan(geo, cfg, keys_major, table_heads, table_dtype, device) if tables_on else None
+    # the table plan's device tensors are kept between calls: built outside any CUDA-graph pool
+    plan = (persistent(device, lambda: tables.plan(geo, cfg, keys_major, table_heads, table_dtype, device))
+            if tables_on else None)
     return _Setup(_grid(cfg, geo, batch, heads), cfg.n_tiles(geo), plan)
 
 
-def _table_args(setup: _Setup, values, dtype: torch.dtype, q: torch.Tensor) -> tuple:
-    """(table, class ids, head stride, class stride, classes y, classes z, use) for one launch."""
+_TABLE_BLOCK = 1024
+
+
+def _logit_table(setup: _Setup, rpb: Optional[torch.Tensor], dtype: torch.dtype):
+    """``(table, head stride)`` of one launch: the base-2 bias of every (row, slot) pair of the plan
+    built by one kernel from ``rpb``, or (no bias) a cached 0 / ``-inf`` table shared by the heads."""
     p = setup.plan
-    if p is None:
-        empty = q.new_empty(0, dtype=torch.int32)
-        return empty, empty, 0, 0, 1, 1, False
-    tab, head_stride = tables.bias_table(p, values, dtype)
-    return tab, p.cls, head_stride, p.combo_stride, p.n_classes[1], p.n_classes[2], True
+    if rpb is None:
+        table = p.masks.get(dtype)
+        if table is None:
+            table = p.masks[dtype] = persistent(p.index.device, lambda: tables.bias_table(p, None, dtype)[0])
+        return table, 0
+    n_idx = p.flat_index.numel()
+    heads = rpb.shape[0]
+    r = rpb if rpb.is_contiguous() else rpb.contiguous()
+    table = torch.empty(heads, n_idx, dtype=dtype, device=r.device)
+    _TABLE((-(-n_idx // _TABLE_BLOCK), heads), (r, p.flat_index, table, n_idx, p.n_rel, _TABLE_BLOCK),
+           (n_idx, p.n_rel, r.dtype, dtype, r.data_ptr() & 15 == 0), num_warps=4)
+    return table, n_idx
+
+
+_EMPTY: dict = {}
+
+
+def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a 0-element placeholder for an unused pointer argument (no memory: safe to keep)
+    key = (like.device, dtype)
+    t = _EMPTY.get(key)
+    if t is None:
+        t = _EMPTY[key] = torch.empty(0, dtype=dtype, device=like.device)
+    return t
+
+
+class _Plan:
+    """One kernel launch, ready but for its tensors: ``args`` follow the tensor arguments."""
+
+    __slots__ = ("setup", "cfg", "args", "key")
+    _ids = itertools.count()
+
+    def __init__(self, setup: _Setup, cfg: _Config, args: tuple):
+        self.setup, self.cfg, self.args = setup, cfg, args
+        self.key = next(self._ids)  # the launcher's specialization key: a plan fixes every argument's
+
+    def launch(self, launcher: Launcher, tensors: tuple) -> None:
+        launcher(self.setup.grid, tensors + self.args, self.key, num_warps=self.cfg.num_warps,
+                 num_stages=self.cfg.num_stages)
+
+
+def _remember(key, plan):
+    if len(_TUNED) > _MAX_PLANS:
+        _TUNED.clear()
+    _TUNED[key] = plan
+    return plan
+
+
+def _call_key(kind, q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, extra):
+    # everything a launch plan depends on; tensors enter through shape, strides, dtype, alignment
+    return (kind, q.shape, q.stride(), k.stride(), v.shape, v.stride(), q.dtype, q.device,
+            None if rpb is None else rpb.dtype, tuple(kernel_size), tuple(dilation), tuple(stride),
+            tuple(is_causal), scale, _tables_enabled(),
+            q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+            (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 == 0, extra)
 
 
 def na_triton_probe(q, k, v, rpb, *, kernel_size, dilation, stride, is_causal) -> Optional[str]:
@@ -873,46 +929,160 @@ def na_triton_probe(q, k, v, rpb, *, kernel_size, dilation, stride, is_causal) -
     return None
 
 
+def _fwd_tail(geo, cfg, setup, strides, heads, scale, has_rpb, tab_h, D, Dv, prec) -> tuple:
+    p = setup.plan
+    tab_c, ncy, ncz = (p.combo_stride, p.n_classes[1], p.n_classes[2]) if p is not None else (0, 1, 1)
+    return (*strides, *_common_args(geo, heads), scale * _LOG2E, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
+            *geo.causal, geo.ndim, has_rpb, scale > 0, p is not None,
+            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec)
+
+
+def _fwd_plan(q, k, v, rpb, out, lse, geo, scale) -> tuple:
+    """(plan, table dtype) of a forward call; tunes the config on first sight of the problem."""
+    n = geo.ndim
+    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    has_rpb = rpb is not None
+    prec = _dot_precision(q.dtype)
+    tables_on = _tables_enabled()
+    tdtype = tables.table_dtype(q.dtype)
+    table_heads = heads if has_rpb and tables_on else 1
+    strides = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False))
+
+    def tail(cfg):
+        setup = _setup(geo, cfg, B, heads, False, table_heads, tdtype, q.device, tables_on)
+        tab_h = 0 if setup.plan is None or not has_rpb else setup.plan.flat_index.numel()
+        return setup, _fwd_tail(geo, cfg, setup, strides, heads, scale, has_rpb, tab_h, D, Dv, prec)
+
+    def trial(cfg):  # one launch through the JIT, for the autotuner
+        setup, args = tail(cfg)
+        _FWD.fn[setup.grid](*_fwd_tensors(setup, q, k, v, rpb, out, lse, tdtype), *args,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = _tuned(_problem_key("fwd", q, v, geo, has_rpb, prec, tables_on),
+                 lambda: _candidates("fwd", geo, max(D, Dv), has_rpb), trial)
+    setup, args = tail(cfg)
+    return _Plan(setup, cfg, args), tdtype
+
+
+def _fwd_tensors(setup, q, k, v, rpb, out, lse, tdtype) -> tuple:
+    if setup.plan is None:
+        empty = _empty(q, torch.int32)
+        return q, k, v, (_rpb_log2(rpb) if rpb is not None else _empty(q, q.dtype)), out, lse, empty, empty
+    tab, _ = _logit_table(setup, rpb, tdtype)
+    return q, k, v, _empty(q, q.dtype), out, lse, tab, setup.plan.cls
+
+
 def na_triton_fwd(q, k, v, rpb, kernel_size: Sequence[int], dilation: Sequence[int], stride: Sequence[int],
                   is_causal: Sequence[bool], scale: float, *, out=None, lse=None):
     """Returns ``(out [B, *spatial, h, Dv] in q.dtype, lse [B, *spatial, h])``.
 
     ``out`` and ``lse`` may be given (any strides); every element is written.
     """
-    geo = _geometry(q, kernel_size, dilation, stride, is_causal)
-    n = geo.ndim
-    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    given = None if out is None and lse is None else (
+        None if out is None else (out.stride(), aligned(out)), None if lse is None else (lse.stride(), aligned(lse)))
+    key = _call_key("fwd", q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, given)
     if out is None:
-        out = torch.empty(*q.shape[:-1], Dv, dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(q.shape[:-1], dtype=lse_dtype(q.dtype), device=q.device)
     if q.numel() == 0 or v.numel() == 0:
         return out, lse
+    with on_device(q.device):
+        entry = _TUNED.get(key)
+        if entry is None:
+            geo = _geometry(q, kernel_size, dilation, stride, is_causal)
+            entry = _remember(key, _fwd_plan(q, k, v, rpb, out, lse, geo, scale))
+        plan, tdtype = entry
+        plan.launch(_FWD, _fwd_tensors(plan.setup, q, k, v, rpb, out, lse, tdtype))
+    return out, lse
+
+
+class _BwdPlan:
+    __slots__ = ("dq", "dkdv", "tdtype", "delta_shape", "n_rel", "rel_shape", "deterministic")
+
+    def __init__(self, dq, dkdv, tdtype, delta_shape, n_rel, rel_shape, deterministic):
+        self.dq, self.dkdv, self.tdtype = dq, dkdv, tdtype
+        self.delta_shape, self.n_rel, self.rel_shape, self.deterministic = delta_shape, n_rel, rel_shape, deterministic
+
+
+def _bwd_plan(grad_out, q, k, v, rpb, out, lse, glse, has_dlse, dq, dk, dv, geo, scale, deterministic) -> _BwdPlan:
+    n = geo.ndim
+    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     has_rpb = rpb is not None
     prec = _dot_precision(q.dtype)
     tables_on = _tables_enabled()
     tdtype = tables.table_dtype(q.dtype)
-    values = tables.logit_values(rpb, tdtype) if has_rpb and tables_on else None
-    table_heads = 1 if values is None else heads
-    rpb_arg = _rpb_operand(rpb, q)
-    tensor_args = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False),
-                   *_common_args(geo, heads), scale * _LOG2E)
+    table_heads = heads if has_rpb and tables_on else 1
+    rxyp, rzp = _rpb_pads(geo) if has_rpb else (1, 1)
+    n_rel = math.prod(geo.rel_shape)
+    common = (*_common_args(geo, heads), scale * _LOG2E, scale)
+    dq_strides = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(grad_out, n),
+                  *_strides(lse, n, False), *_strides(glse, n, False), *_strides(dq, n))
+    dkdv_strides = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(grad_out, n),
+                    *_strides(lse, n, False), *_strides(dk, n), *_strides(dv, n))
+    delta = torch.empty(B, heads, *geo.sizes, dtype=torch.float32, device=q.device)
 
-    def launch(cfg: _Config):
-        setup = _setup(geo, cfg, B, heads, False, table_heads, tdtype, q.device, tables_on)
-        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(setup, values, tdtype, q)
-        _na_fwd[setup.grid](
-            q, k, v, rpb_arg(use_table), out, lse, tab, cls, *tensor_args, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
-            *geo.causal, n, has_rpb, scale > 0, use_table,
-            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    def tail(cfg, keys_major):
+        setup = _setup(geo, cfg, B, heads, keys_major, table_heads, tdtype, q.device, tables_on)
+        p = setup.plan
+        tab_h = 0 if p is None or not has_rpb else p.flat_index.numel()
+        tab_c, ncy, ncz = (p.combo_stride, p.n_classes[1], p.n_classes[2]) if p is not None else (0, 1, 1)
+        head = (*(dkdv_strides if keys_major else dq_strides), *common, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
+                *geo.causal, n, has_rpb)
+        block = (*cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec)
+        if keys_major:
+            return setup, head + (p is not None,) + block
+        return setup, head + (has_dlse, deterministic, p is not None) + block + (
+            rxyp, rzp, "tf32x3" if q.dtype == torch.float32 else "tf32")
 
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        cfg = _tuned(_problem_key("fwd", q, v, geo, has_rpb, prec, tables_on),
-                     lambda: _candidates("fwd", geo, max(D, Dv), has_rpb), launch)
-        launch(cfg)
-    return out, lse
+    def trial_dq(cfg):
+        setup, args = tail(cfg, False)
+        buf = _drpb_target(setup, q, heads, n_rel, has_rpb, deterministic)
+        _DQ.fn[setup.grid](*_dq_tensors(setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf, tdtype), *args,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def trial_dkdv(cfg):
+        setup, args = tail(cfg, True)
+        _DKDV.fn[setup.grid](*_dkdv_tensors(setup, q, k, v, rpb, grad_out, lse, delta, dk, dv, tdtype), *args,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    extra = (has_dlse, deterministic)
+    cfg_dq = _tuned(_problem_key("dq", q, v, geo, has_rpb, prec, tables_on, extra),
+                    lambda: _candidates("dq", geo, max(D, Dv), has_rpb), trial_dq)
+    trial_dq(cfg_dq)  # delta for the dK/dV autotuner
+    cfg_kv = _tuned(_problem_key("dkdv", q, v, geo, has_rpb, prec, tables_on, extra),
+                    lambda: _candidates("dkdv", geo, max(D, Dv), has_rpb), trial_dkdv)
+    setup_dq, args_dq = tail(cfg_dq, False)
+    setup_kv, args_kv = tail(cfg_kv, True)
+    return _BwdPlan(_Plan(setup_dq, cfg_dq, args_dq), _Plan(setup_kv, cfg_kv, args_kv), tdtype, tuple(delta.shape),
+                    n_rel, geo.rel_shape, deterministic)
+
+
+def _drpb_target(setup: _Setup, q, heads: int, n_rel: int, has_rpb: bool, deterministic: bool):
+    # deterministic: one row per program, summed in a fixed order; else atomics into [h, n_rel]
+    if not has_rpb:
+        return _empty(q, torch.float32)
+    if deterministic:
+        return torch.empty(setup.grid[0], n_rel, dtype=torch.float32, device=q.device)
+    return torch.zeros(heads, n_rel, dtype=torch.float32, device=q.device)
+
+
+def _dq_tensors(setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf, tdtype) -> tuple:
+    if setup.plan is None:
+        empty = _empty(q, torch.int32)
+        r = _rpb_log2(rpb) if rpb is not None else _empty(q, q.dtype)
+        return q, k, v, r, out, grad_out, lse, glse, delta, dq, buf, empty, empty
+    tab, _ = _logit_table(setup, rpb, tdtype)
+    return q, k, v, _empty(q, q.dtype), out, grad_out, lse, glse, delta, dq, buf, tab, setup.plan.cls
+
+
+def _dkdv_tensors(setup, q, k, v, rpb, grad_out, lse, delta, dk, dv, tdtype) -> tuple:
+    if setup.plan is None:
+        empty = _empty(q, torch.int32)
+        r = _rpb_log2(rpb) if rpb is not None else _empty(q, q.dtype)
+        return q, k, v, r, grad_out, lse, delta, dk, dv, empty, empty
+    tab, _ = _logit_table(setup, rpb, tdtype)
+    return q, k, v, _empty(q, q.dtype), grad_out, lse, delta, dk, dv, tab, setup.plan.cls
 
 
 def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -921,77 +1091,41 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
 
     ``dq``, ``dk`` and ``dv`` may be given (any strides); every element is written.
     """
-    geo = _geometry(q, kernel_size, dilation, stride, is_causal)
-    n = geo.ndim
-    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
     has_rpb = rpb is not None
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), (torch.zeros_like(rpb) if has_rpb else None)
-    prec = _dot_precision(q.dtype)
-    tables_on = _tables_enabled()
-    tdtype = tables.table_dtype(q.dtype)
-    values = tables.logit_values(rpb, tdtype) if has_rpb and tables_on else None
-    table_heads = 1 if values is None else heads
-    rpb_arg = _rpb_operand(rpb, q)
-
-    delta = torch.empty(B, heads, *geo.sizes, dtype=torch.float32, device=q.device)
     glse = grad_lse if grad_lse is not None else lse
     deterministic = torch.are_deterministic_algorithms_enabled()
-    rxyp, rzp = _rpb_pads(geo) if has_rpb else (1, 1)
-    n_rel = math.prod(geo.rel_shape)
-    drpb_buf = {}
-    common = (*_common_args(geo, heads), scale * _LOG2E, scale)
-    dq_args = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(grad_out, n),
-               *_strides(lse, n, False), *_strides(glse, n, False), *_strides(dq, n), *common)
-    dkdv_args = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(grad_out, n), *_strides(lse, n, False),
-                 *_strides(dk, n), *_strides(dv, n), *common)
-
-    def drpb_target(setup: _Setup):
-        # deterministic: one row per program, summed below in a fixed order; else atomics into [h, n_rel]
-        if not has_rpb:
-            return q.new_empty(0, dtype=torch.float32)
-        if deterministic:
-            return torch.empty(setup.grid[0], n_rel, dtype=torch.float32, device=q.device)
-        return torch.zeros(heads, n_rel, dtype=torch.float32, device=q.device)
-
-    def launch_dq(cfg: _Config):
-        setup = _setup(geo, cfg, B, heads, False, table_heads, tdtype, q.device, tables_on)
-        drpb_buf[cfg] = buf = drpb_target(setup)
-        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(setup, values, tdtype, q)
-        _na_bwd_dq[setup.grid](
-            q, k, v, rpb_arg(use_table), out, grad_out, lse, glse, delta, dq, buf, tab, cls,
-            *dq_args, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
-            *geo.causal, n, has_rpb, grad_lse is not None, deterministic, use_table,
-            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec, rxyp, rzp,
-            "tf32x3" if q.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    def launch_dkdv(cfg: _Config):
-        setup = _setup(geo, cfg, B, heads, True, table_heads, tdtype, q.device, tables_on)
-        tab, cls, tab_h, tab_c, ncy, ncz, use_table = _table_args(setup, values, tdtype, q)
-        _na_bwd_dkdv[setup.grid](
-            q, k, v, rpb_arg(use_table), grad_out, lse, delta, dk, dv, tab, cls,
-            *dkdv_args, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
-            *geo.causal, n, has_rpb, use_table,
-            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    extra = (grad_lse is not None, deterministic)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        cfg_dq = _tuned(_problem_key("dq", q, v, geo, has_rpb, prec, tables_on, extra),
-                        lambda: _candidates("dq", geo, max(D, Dv), has_rpb), launch_dq)
-        launch_dq(cfg_dq)  # the run that counts (delta and dRPB come from it)
-        cfg_kv = _tuned(_problem_key("dkdv", q, v, geo, has_rpb, prec, tables_on, extra),
-                        lambda: _candidates("dkdv", geo, max(D, Dv), has_rpb), launch_dkdv)
-        launch_dkdv(cfg_kv)
+    key = _call_key("bwd", q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale,
+                    (grad_out.stride(), out.stride(), lse.stride(), glse.stride(), grad_lse is not None,
+                     dq.stride(), dk.stride(), dv.stride(), aligned(grad_out, out, lse, glse, dq, dk, dv),
+                     deterministic))
+    with on_device(q.device):
+        plan = _TUNED.get(key)
+        if plan is None:
+            geo = _geometry(q, kernel_size, dilation, stride, is_causal)
+            plan = _remember(key, _bwd_plan(grad_out, q, k, v, rpb, out, lse, glse, grad_lse is not None,
+                                            dq, dk, dv, geo, scale, deterministic))
+        delta = torch.empty(plan.delta_shape, dtype=torch.float32, device=q.device)
+        heads = q.shape[-2]
+        buf = _drpb_target(plan.dq.setup, q, heads, plan.n_rel, has_rpb, deterministic)
+        plan.dq.launch(_DQ, _dq_tensors(plan.dq.setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf,
+                                        plan.tdtype))
+        plan.dkdv.launch(_DKDV, _dkdv_tensors(plan.dkdv.setup, q, k, v, rpb, grad_out, lse, delta, dk, dv,
+                                              plan.tdtype))
     drpb = None
     if has_rpb:
-        buf = drpb_buf[cfg_dq]
-        total = buf.view(B, heads, -1, n_rel).sum((0, 2)) if deterministic else buf
-        drpb = total.view(rpb.shape).to(rpb.dtype)
+        total = buf.view(q.shape[0], heads, -1, plan.n_rel).sum((0, 2)) if deterministic else buf
+        drpb = total.view(rpb.shape)
+        if drpb.dtype != rpb.dtype:
+            drpb = drpb.to(rpb.dtype)
     return dq, dk, dv, drpb
+
+
+_FWD = Launcher(_na_fwd)
+_DQ = Launcher(_na_bwd_dq)
+_DKDV = Launcher(_na_bwd_dkdv)
+_TABLE = Launcher(_na_logit_table)

@@ -5,11 +5,14 @@ tens of NA layers host bound.
 Times ``na2d`` on a tiny map (so the GPU, when there is one, finishes long before the host issues
 the next call) through the paths a model takes: inference (no autograd node), forward+backward
 through the eager autograd path, and the same through the ``foveal::na_fwd`` custom-op dispatcher.
-The bias is an ``nn.Parameter``, as in the NAT/DiNAT layers.
+The bias is an ``nn.Parameter``, as in the NAT/DiNAT layers. Beside each figure it times torch's
+``F.scaled_dot_product_attention`` on the same q, k, v (heads first, as SDPA takes them): machines
+differ up to 3x in host speed, the ratio much less.
 
 ``--device cpu`` (the default) replaces the Triton kernel launches by no-ops, so what is timed is
-foveal's own Python and PyTorch's dispatch, on any machine. ``--device cuda`` launches the real
-kernels and times the wall clock of many calls followed by one synchronize.
+foveal's own Python and PyTorch's dispatch, on any machine (SDPA runs its CPU kernel, tiny here).
+``--device cuda`` launches the real kernels and times the wall clock of many calls followed by one
+synchronize.
 
     python tools/bench_host.py                   # CPU, kernel launches stubbed
     python tools/bench_host.py --device cuda     # real launches on a GPU
@@ -43,9 +46,8 @@ def main(argv=None) -> int:
             def __getitem__(self, grid):
                 return lambda *a, **kw: None
 
-        for name in ("_na_fwd", "_na_bwd_dq", "_na_bwd_dkdv"):
-            setattr(nt, name, _NoLaunch())
-        nt._interpreting = lambda: True  # it looks at the kernel objects replaced above
+        for launcher in (nt._FWD, nt._DQ, nt._DKDV, nt._TABLE):
+            launcher.fn = _NoLaunch()
         torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
@@ -57,6 +59,17 @@ def main(argv=None) -> int:
     q, k, v = qkv.unbind(3)
     rpb = torch.nn.Parameter(torch.randn(heads, 2 * ks - 1, 2 * ks - 1, device=dev))
     grad = torch.randn(B, H, W, heads, D, device=dev)
+    sdpa_qkv = torch.randn(3, B, heads, H * W, D, device=dev, requires_grad=True)
+    sq, sk, sv = sdpa_qkv.unbind(0)
+    sdpa_grad = torch.randn(B, heads, H * W, D, device=dev)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa_infer():
+        with torch.no_grad():
+            sdpa(sq, sk, sv)
+
+    def sdpa_train():
+        sdpa(sq, sk, sv).backward(sdpa_grad)
 
     def infer():
         with torch.no_grad():
@@ -65,39 +78,52 @@ def main(argv=None) -> int:
     def train():
         na2d(q, k, v, ks, dil, rpb=rpb, backend="triton").backward(grad)
 
-    eager_ok = nbh._eager_ok
-
-    def train_custom_op():
-        nbh._eager_ok = lambda *a: False
-        try:
-            train()
-        finally:
-            nbh._eager_ok = eager_ok
-
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rows = []
-    for label, fn in (("forward, no grad", infer), ("forward+backward, eager path", train),
-                      ("forward+backward, custom-op dispatcher", train_custom_op)):
+    def host_us(fn) -> float:
         for _ in range(20):
             fn()
         sync()
 
-        def run(fn=fn):
+        def run():
             for _ in range(args.number):
                 fn()
             sync()
 
-        best = min(timeit.repeat(run, number=1, repeat=args.repeat)) / args.number
-        rows.append((label, best * 1e6))
+        return min(timeit.repeat(run, number=1, repeat=args.repeat)) / args.number * 1e6
+
+    infer_custom_op = _forced_custom_op(nbh, infer)
+    train_custom_op = _forced_custom_op(nbh, train)
+    sdpa_fwd, sdpa_fb = host_us(sdpa_infer), host_us(sdpa_train)
+    rows = [
+        ("forward, no grad", host_us(infer), sdpa_fwd),
+        ("forward, no grad, custom-op dispatcher", host_us(infer_custom_op), sdpa_fwd),
+        ("forward+backward, eager path", host_us(train), sdpa_fb),
+        ("forward+backward, custom-op dispatcher", host_us(train_custom_op), sdpa_fb),
+    ]
 
     launches = "stubbed (no-op)" if dev.type == "cpu" else "real"
     print(f"device {args.device}, kernel launches {launches}, q/k/v [{B}, {H}, {W}, {heads}, {D}] "
           f"(slices of one qkv tensor), kernel_size {ks}, dilation {dil}, rpb nn.Parameter; "
           f"torch {torch.__version__}; fastest of {args.repeat} x {args.number} calls")
-    print("\n| path | host us / call |\n|---|---:|")
-    for label, us in rows:
-        print(f"| {label} | {us:.0f} |")
+    print("\n| path | NA host us / call | SDPA host us / call | NA / SDPA |\n|---|---:|---:|---:|")
+    for label, us, ref in rows:
+        print(f"| {label} | {us:.1f} | {ref:.1f} | {us / ref:.2f}x |")
     return 0
+
+
+def _forced_custom_op(nbh, fn):
+    """``fn`` with every NA call routed through the ``foveal::na_fwd`` dispatcher (the path compiled
+    graphs, export and dispatch modes take)."""
+    eager_ok = nbh._eager_ok
+
+    def forced():
+        nbh._eager_ok = lambda *a: False
+        try:
+            fn()
+        finally:
+            nbh._eager_ok = eager_ok
+
+    return forced
 
 
 if __name__ == "__main__":
