@@ -10,6 +10,7 @@ The ops are the torch custom ops ``foveal::na_fwd`` / ``foveal::na_bwd`` with fa
 implementations and autograd, so ``torch.compile(fullgraph=True)``, the meta device and export see
 one opaque op. Backends (see :mod:`foveal.kernels.backends`) plug in through ``NA_BACKENDS``.
 """
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-from .backends import Backend, BackendRegistry
+from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .checks import check_axis_arg, check_bool_axis_arg, check_scale_arg, check_tensors
 from .neighborhood_reference import lse_dtype, na_reference_bwd, na_reference_fwd
 
@@ -200,27 +201,18 @@ def _na_bwd_flop(grad_out_shape, q_shape, k_shape, v_shape, rpb_shape, out_shape
     return 2 * _na_flops(q_shape, v_shape, kernel_size, dilation, stride, is_causal)
 
 
-# -- public API -----------------------------------------------------------------------------------
+# Calls with the same shapes, dtypes, devices and arguments pass the same checks and pick the same
+# backend: resolved once per call signature (a model makes tens of calls per step with a few).
+_CHECKED: dict = {}
 
-def neighborhood_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kernel_size: IntOrTuple,
-    dilation: IntOrTuple = 1,
-    stride: IntOrTuple = 1,
-    is_causal: BoolOrTuple = False,
-    rpb: Optional[Tensor] = None,
-    scale: Optional[float] = None,
-    return_lse: bool = False,
-    *,
-    backend: str = "auto",
-    na_dim: Optional[int] = None,
-):
-    """Rank-generic neighborhood attention; ``na1d``/``na2d``/``na3d`` fix ``na_dim``.
 
-    See :func:`na2d` for the arguments.
-    """
+def _hashable(x):
+    return tuple(x) if isinstance(x, list) else x
+
+
+def _check_call(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, backend, na_dim):
+    """Validates one call; returns (backend name, kernel_size, dilation, stride, is_causal, scale) as
+    the custom op takes them."""
     if na_dim is None:
         if not isinstance(q, Tensor):
             raise TypeError(f"neighborhood_attention: q must be a torch.Tensor, got {type(q).__name__}")
@@ -262,17 +254,60 @@ def neighborhood_attention(
         if rpb.device != q.device:
             raise ValueError(f"{op}: rpb must be on the device of q, got rpb.device={rpb.device}, q.device={q.device}")
     scale = check_scale_arg(op, scale, head_dim)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"{op}: return_lse must be a bool, got {type(return_lse).__name__}")
     cfg = dict(kernel_size=kernel_size, dilation=dilation, stride=stride, is_causal=is_causal)
     name = NA_BACKENDS.choose(backend, q, k, v, rpb, **cfg)
-    args = (q, k, v, rpb, list(kernel_size), list(dilation), list(stride), list(is_causal), scale, name)
+    return name, list(kernel_size), list(dilation), list(stride), list(is_causal), scale
+
+
+# -- public API -----------------------------------------------------------------------------------
+
+def neighborhood_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    rpb: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    *,
+    backend: str = "auto",
+    na_dim: Optional[int] = None,
+):
+    """Rank-generic neighborhood attention; ``na1d``/``na2d``/``na3d`` fix ``na_dim``.
+
+    See :func:`na2d` for the arguments.
+    """
+    resolved = key = None
+    if not torch.compiler.is_compiling():  # dynamo folds the checks into the graph instead
+        try:
+            key = (na_dim, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                   None if rpb is None else (rpb.shape, rpb.dtype, rpb.device), _hashable(kernel_size),
+                   _hashable(dilation), _hashable(stride), _hashable(is_causal), scale, backend,
+                   os.environ.get(BACKEND_ENV))
+            resolved = _CHECKED.get(key)
+        except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the checks say why
+            key = None
+    if resolved is None:
+        resolved = _check_call(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, backend, na_dim)
+        if key is not None:
+            if len(_CHECKED) > 4096:
+                _CHECKED.clear()
+            _CHECKED[key] = resolved
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"na{q.dim() - 3 if na_dim is None else na_dim}d: return_lse must be a bool, "
+                        f"got {type(return_lse).__name__}")
+    name, kernel_size, dilation, stride, is_causal, scale = resolved
+    args = (q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, name)
     if not _eager_ok(q, k, v, rpb):
         out, lse = _na_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb)):
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                      or (rpb is not None and rpb.requires_grad)):
         out, lse = _EagerNA.apply(*args)
     else:  # nothing to differentiate: no autograd node
-        out, lse = NA_BACKENDS[name].fwd(q, k, v, rpb, *args[4:-1])
+        out, lse = NA_BACKENDS[name].fwd(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale)
     return (out, lse) if return_lse else out
 
 
