@@ -2,6 +2,7 @@
 
 Messages follow one pattern: the argument, the rule, then what was given.
 """
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -68,9 +69,16 @@ def check_bool_axis_arg(op: str, name: str, value: Union[bool, Sequence[bool]], 
 
 
 def check_scale_arg(op: str, scale: Optional[float], head_dim: int) -> float:
-    """Default scale is head_dim ** -0.5; an explicit 0.0 is kept (it is not 'unset')."""
+    """Default scale is head_dim ** -0.5; an explicit 0.0 is kept (it is not 'unset'), negative
+    scales are allowed; nan and +-inf are rejected (they would turn every output into NaN)."""
     if scale is None:
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf if scale > 0 else -math.inf
+    if not value - value == 0:  # nan and +-inf; unlike math.isfinite it traces on a SymFloat (dynamic=True)
+        raise ValueError(f"{op}: scale must be a finite number, got scale={value}")
+    return value

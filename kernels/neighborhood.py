@@ -15,11 +15,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .checks import check_axis_arg, check_bool_axis_arg, check_scale_arg, check_tensors
+from .dispatch import eager_ok as _eager_ok
 from .neighborhood_reference import lse_dtype, na_reference_bwd, na_reference_fwd
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "NA_BACKENDS"]
@@ -142,21 +142,6 @@ class _EagerNA(torch.autograd.Function):
             grad_out = torch.zeros_like(out)
         dq, dk, dv, drpb = NA_BACKENDS[ctx.cfg[-1]].bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, *ctx.cfg[:-1])
         return dq, dk, dv, drpb, None, None, None, None, None, None
-
-
-def _eager_ok(q, k, v, rpb) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    for t in (q, k, v, rpb):
-        # nn.Parameter (the models' rpb) is a plain tensor to the dispatcher: it disables torch_function
-        if t is not None and (type(t) not in _PLAIN or t.is_meta):
-            return False
-    return True
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 # -- FLOP counting --------------------------------------------------------------------------------

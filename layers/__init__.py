@@ -1,5 +1,6 @@
-"""foveal.layers: nn.Modules built on foveal.kernels (attention layers, positional terms, padding)."""
+"""foveal.layers: nn.Modules built on foveal.kernels (attention layers, positional terms, padding, norms)."""
 from .mlp import RecomputeMlp
 from .neighborhood import NeighborhoodAttention2d
+from .norm import AddLayerNorm
 
-__all__ = ["NeighborhoodAttention2d", "RecomputeMlp"]
+__all__ = ["AddLayerNorm", "NeighborhoodAttention2d", "RecomputeMlp"]

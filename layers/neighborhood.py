@@ -90,7 +90,7 @@ class NeighborhoodAttention2d(nn.Module):
         self.rpb = nn.Parameter(torch.empty(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1, **dd))
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0. else nn.Identity()  # no call when unused
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -331,3 +331,21 @@ def test_model_parameters_take_the_eager_path():
     torch.testing.assert_close(plain, out.detach(), rtol=0, atol=0)
     with torch.inference_mode():
         torch.testing.assert_close(na2d(q, k, v, 3, rpb=rpb), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf"), 10 ** 400],
+                         ids=["nan", "inf", "-inf", "int-overflow"])
+def test_non_finite_scale_raises(scale):
+    x = torch.randn(1, 8, 8, 2, 4)
+    shown = "inf" if isinstance(scale, int) else f"{scale}"
+    with pytest.raises(ValueError, match=rf"na2d: scale must be a finite number, got scale={re.escape(shown)}$"):
+        na2d(x, x, x, 3, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.37, -3, 1e-30])
+def test_finite_scales_are_accepted(scale):
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 7, 6, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    out = na2d(q, k, v, 3, scale=scale)
+    ref, _ = oracle(q, k, v, (3, 3), (1, 1), (1, 1), (False, False), scale=float(scale))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)

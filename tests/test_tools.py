@@ -25,7 +25,7 @@ from foveal._checkpoint import UnsafeCheckpointError, foreign_state_dict, load_f
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
-SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub", "bench_host", "saved_activations")
+SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub", "bench_host", "saved_activations", "bench_norm")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 sys.path.insert(0, str(TOOLS))
@@ -94,8 +94,20 @@ def test_bench_host_times_every_path_on_cpu():
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line.rstrip().endswith(" |")]
-    assert len(rows) == 4 and "stubbed" in run.stdout  # header + 3 paths
-    assert all(float(r.split("|")[2]) > 0 for r in rows[1:])
+    assert len(rows) == 5 and "stubbed" in run.stdout  # header + 4 paths
+    assert all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows[1:])  # NA and SDPA
+
+
+def test_bench_norm_smoke_on_cpu(tmp_path):
+    out = tmp_path / "bench_norm.md"
+    run = run_tool("bench_norm", "--device", "cpu", "--out", out)
+    tables = out.read_text()
+    assert run.stdout == tables
+    rows = [line.split("|")[1:-1] for line in tables.splitlines() if line.startswith("| (2, 3, 5, 64) |")]
+    errors, timings = rows[0], rows[1:]
+    assert len(errors) == 7 and all(float(e) < 1e-2 for e in errors[1:])  # h, s, dx, dy, dweight, dbias
+    assert [r[1].strip() for r in timings] == ["fwd", "fwd+bwd"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in timings)  # unfused and fused ms
 
 
 def test_saved_activations_counts_the_recompute_mlp_saving():

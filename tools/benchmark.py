@@ -119,6 +119,10 @@ def measure(args, name: str, mode: str) -> dict:
     params = sum(p.numel() for p in model.parameters())
     dtype = DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if args.compile:
+        # a new model (and grad mode) is one more cache entry of the same code objects: without a
+        # reset, a sweep in one process reaches dynamo's recompile limit and later models run eagerly
+        torch._dynamo.reset()
     net = torch.compile(model, mode=None if args.compile == "default" else args.compile) if args.compile else model
     x = torch.randn(args.batch_size, *size, device=device)
     if args.channels_last:

@@ -15,7 +15,7 @@ which also pads maps smaller than kernel_size * dilation the way the published m
 model accepts any input size.
 """
 import re
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, Final, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -29,16 +29,17 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
 
-from .layers import NeighborhoodAttention2d, RecomputeMlp
+from .layers import AddLayerNorm, NeighborhoodAttention2d, RecomputeMlp
 
 __all__ = ['NAT', 'NATIsotropic']  # model_registry will add each entrypoint fn to this
 
 _int_or_seq_t = Union[int, Sequence[int]]
 
-# leaves for torch.fx: the attention module's padding depends on the input size, and the MLP's
-# training path is an autograd.Function
+# leaves for torch.fx: the attention module's padding depends on the input size, the MLP's
+# training path is an autograd.Function and the norm's eager path a custom op
 register_notrace_module(NeighborhoodAttention2d)
 register_notrace_module(RecomputeMlp)
+register_notrace_module(AddLayerNorm)
 
 
 def _resolve_dilations(
@@ -57,6 +58,7 @@ def _resolve_dilations(
 
 class NATBlock(nn.Module):
     """Pre-norm transformer block: neighborhood attention then MLP, each with optional layer scale."""
+    fused_norm: Final[bool]
 
     def __init__(
             self,
@@ -88,10 +90,15 @@ class NATBlock(nn.Module):
             attn_drop: Attention dropout rate.
             drop_path: Stochastic depth rate.
             act_layer: Activation layer.
-            norm_layer: Normalization layer.
+            norm_layer: Normalization layer. nn.LayerNorm becomes AddLayerNorm (same parameters): the
+                norms write their output once, in the dtype the Linear after them consumes, and norm2
+                adds the attention branch to the residual stream in the same pass.
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        self.fused_norm = norm_layer is nn.LayerNorm
+        if self.fused_norm:
+            norm_layer = AddLayerNorm
         self.norm1 = norm_layer(dim, **dd)
         self.attn = NeighborhoodAttention2d(
             dim,
@@ -131,14 +138,51 @@ class NATBlock(nn.Module):
         Returns:
             Output features (B, H, W, C).
         """
-        y = self.attn(self.norm1(x))
+        x, y = self.forward_split(x, None)
+        return x + y
+
+    def forward_split(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream ``x + y`` (``x`` alone when ``y`` is None), with the
+        output left as a sum too: the next block's first norm adds it in its own pass.
+
+        Args:
+            x: Residual stream (B, H, W, C).
+            y: Pending branch output to add to it (B, H, W, C), or None.
+
+        Returns:
+            ``(x', y')`` (B, H, W, C) each, whose sum is the block output.
+        """
+        if y is None:
+            h = self.norm1(x)
+        elif self.fused_norm:
+            x, h = self.norm1.forward_add(x, y)
+        else:
+            x = x + y
+            h = self.norm1(x)
+        y = self.attn(h)
         if self.gamma1 is not None:
             y = self.gamma1 * y
-        x = x + self.drop_path1(y)
-        y = self.mlp(self.norm2(x))
+        if self.fused_norm:
+            x, h = self.norm2.forward_add(x, self.drop_path1(y))
+        else:
+            x = x + self.drop_path1(y)
+            h = self.norm2(x)
+        y = self.mlp(h)
         if self.gamma2 is not None:
             y = self.gamma2 * y
-        x = x + self.drop_path2(y)
+        return x, self.drop_path2(y)
+
+
+class NATBlocks(nn.Sequential):
+    """A sequence of NATBlocks that hands each block's last residual add to the next block's first
+    norm (one pass over the stream instead of two); the keys are those of ``nn.Sequential``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: Optional[torch.Tensor] = None
+        for blk in self:
+            x, y = blk.forward_split(x, y)
+        if y is not None:
+            x = x + y
         return x
 
 
@@ -255,7 +299,7 @@ class NATStage(nn.Module):
             self.downsample = nn.Identity()
         else:
             raise ValueError(f"downsample must be one of '', 'conv', 'merge', got {downsample!r}")
-        self.blocks = nn.Sequential(*[
+        self.blocks = NATBlocks(*[
             NATBlock(
                 dim=out_dim,
                 num_heads=num_heads,
@@ -626,7 +670,7 @@ class NATIsotropic(_NATBase):
             **dd,
         )
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
-        self.layers = nn.Sequential(*[
+        self.layers = NATBlocks(*[
             NATBlock(
                 dim=embed_dim,
                 num_heads=num_heads,

@@ -1,0 +1,30 @@
+"""Which path an op call takes: its custom op, or the eager path that skips the dispatcher.
+
+The Python dispatch of a ``torch.library`` custom op costs more host time than a small kernel, so
+eager calls on plain tensors take an ``autograd.Function`` (or, with nothing to differentiate, the
+backend directly). Anything that needs to see the op (torch.compile, export, jit tracing, fake or
+meta tensors, tensor subclasses, dispatch modes such as the FLOP counter, functorch transforms)
+goes through the custom op.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["eager_ok"]
+
+# nn.Parameter is a plain tensor to the dispatcher: it disables torch_function
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def eager_ok(*tensors: Optional[Tensor]) -> bool:
+    """True when a call on ``tensors`` (None entries are skipped) may bypass the custom op."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
