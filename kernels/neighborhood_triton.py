@@ -929,39 +929,68 @@ def na_triton_probe(q, k, v, rpb, *, kernel_size, dilation, stride, is_causal) -
     return None
 
 
-def _fwd_tail(geo, cfg, setup, strides, heads, scale, has_rpb, tab_h, D, Dv, prec) -> tuple:
-    p = setup.plan
-    tab_c, ncy, ncz = (p.combo_stride, p.n_classes[1], p.n_classes[2]) if p is not None else (0, 1, 1)
-    return (*strides, *_common_args(geo, heads), scale * _LOG2E, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
-            *geo.causal, geo.ndim, has_rpb, scale > 0, p is not None,
-            *cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec)
+@dataclass(frozen=True)
+class _Problem:
+    """What the forward and backward plans of one call share: sizes, precision and table set-up."""
+
+    geo: _Geometry
+    batch: int
+    heads: int
+    D: int
+    Dv: int
+    has_rpb: bool
+    prec: str
+    tables_on: bool
+    tdtype: torch.dtype
+    device: torch.device
+
+    def setup(self, cfg: _Config, keys_major: bool) -> _Setup:
+        table_heads = self.heads if self.has_rpb and self.tables_on else 1
+        return _setup(self.geo, cfg, self.batch, self.heads, keys_major, table_heads, self.tdtype, self.device,
+                      self.tables_on)
+
+    def table_args(self, setup: _Setup) -> tuple:
+        # (head stride of the logit table, class-combination stride, classes along y and z)
+        p = setup.plan
+        if p is None:
+            return 0, 0, 1, 1
+        return (p.flat_index.numel() if self.has_rpb else 0), p.combo_stride, p.n_classes[1], p.n_classes[2]
+
+    def block_args(self, cfg: _Config) -> tuple:
+        return (*cfg.tile, cfg.block_n, cfg.wz, self.D, self.Dv, _block_d(self.D), _block_d(self.Dv), self.prec)
+
+    def key(self, kind: str, q, v, extra=()) -> tuple:
+        return _problem_key(kind, q, v, self.geo, self.has_rpb, self.prec, self.tables_on, extra)
+
+    def candidates(self, kind: str) -> list:
+        return _candidates(kind, self.geo, max(self.D, self.Dv), self.has_rpb)
+
+
+def _problem(q, v, rpb, geo: _Geometry) -> _Problem:
+    return _Problem(geo, q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], rpb is not None,
+                    _dot_precision(q.dtype), _tables_enabled(), tables.table_dtype(q.dtype), q.device)
 
 
 def _fwd_plan(q, k, v, rpb, out, lse, geo, scale) -> tuple:
     """(plan, table dtype) of a forward call; tunes the config on first sight of the problem."""
+    pr = _problem(q, v, rpb, geo)
     n = geo.ndim
-    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    has_rpb = rpb is not None
-    prec = _dot_precision(q.dtype)
-    tables_on = _tables_enabled()
-    tdtype = tables.table_dtype(q.dtype)
-    table_heads = heads if has_rpb and tables_on else 1
     strides = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(lse, n, False))
 
     def tail(cfg):
-        setup = _setup(geo, cfg, B, heads, False, table_heads, tdtype, q.device, tables_on)
-        tab_h = 0 if setup.plan is None or not has_rpb else setup.plan.flat_index.numel()
-        return setup, _fwd_tail(geo, cfg, setup, strides, heads, scale, has_rpb, tab_h, D, Dv, prec)
+        setup = pr.setup(cfg, False)
+        return setup, (*strides, *_common_args(geo, pr.heads), scale * _LOG2E, *setup.n_tiles,
+                       *pr.table_args(setup), *geo.causal, n, pr.has_rpb, scale > 0, setup.plan is not None,
+                       *pr.block_args(cfg))
 
     def trial(cfg):  # one launch through the JIT, for the autotuner
         setup, args = tail(cfg)
-        _FWD.fn[setup.grid](*_fwd_tensors(setup, q, k, v, rpb, out, lse, tdtype), *args,
+        _FWD.fn[setup.grid](*_fwd_tensors(setup, q, k, v, rpb, out, lse, pr.tdtype), *args,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = _tuned(_problem_key("fwd", q, v, geo, has_rpb, prec, tables_on),
-                 lambda: _candidates("fwd", geo, max(D, Dv), has_rpb), trial)
+    cfg = _tuned(pr.key("fwd", q, v), lambda: pr.candidates("fwd"), trial)
     setup, args = tail(cfg)
-    return _Plan(setup, cfg, args), tdtype
+    return _Plan(setup, cfg, args), pr.tdtype
 
 
 def _fwd_tensors(setup, q, k, v, rpb, out, lse, tdtype) -> tuple:
@@ -998,64 +1027,54 @@ def na_triton_fwd(q, k, v, rpb, kernel_size: Sequence[int], dilation: Sequence[i
 
 
 class _BwdPlan:
-    __slots__ = ("dq", "dkdv", "tdtype", "delta_shape", "n_rel", "rel_shape", "deterministic")
+    __slots__ = ("dq", "dkdv", "tdtype", "delta_shape", "n_rel", "deterministic")
 
-    def __init__(self, dq, dkdv, tdtype, delta_shape, n_rel, rel_shape, deterministic):
+    def __init__(self, dq, dkdv, tdtype, delta_shape, n_rel, deterministic):
         self.dq, self.dkdv, self.tdtype = dq, dkdv, tdtype
-        self.delta_shape, self.n_rel, self.rel_shape, self.deterministic = delta_shape, n_rel, rel_shape, deterministic
+        self.delta_shape, self.n_rel, self.deterministic = delta_shape, n_rel, deterministic
 
 
 def _bwd_plan(grad_out, q, k, v, rpb, out, lse, glse, has_dlse, dq, dk, dv, geo, scale, deterministic) -> _BwdPlan:
+    pr = _problem(q, v, rpb, geo)
     n = geo.ndim
-    B, heads, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    has_rpb = rpb is not None
-    prec = _dot_precision(q.dtype)
-    tables_on = _tables_enabled()
-    tdtype = tables.table_dtype(q.dtype)
-    table_heads = heads if has_rpb and tables_on else 1
-    rxyp, rzp = _rpb_pads(geo) if has_rpb else (1, 1)
+    rxyp, rzp = _rpb_pads(geo) if pr.has_rpb else (1, 1)
     n_rel = math.prod(geo.rel_shape)
-    common = (*_common_args(geo, heads), scale * _LOG2E, scale)
+    common = (*_common_args(geo, pr.heads), scale * _LOG2E, scale)
     dq_strides = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(grad_out, n),
                   *_strides(lse, n, False), *_strides(glse, n, False), *_strides(dq, n))
     dkdv_strides = (*_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(grad_out, n),
                     *_strides(lse, n, False), *_strides(dk, n), *_strides(dv, n))
-    delta = torch.empty(B, heads, *geo.sizes, dtype=torch.float32, device=q.device)
+    delta = torch.empty(pr.batch, pr.heads, *geo.sizes, dtype=torch.float32, device=q.device)
 
     def tail(cfg, keys_major):
-        setup = _setup(geo, cfg, B, heads, keys_major, table_heads, tdtype, q.device, tables_on)
-        p = setup.plan
-        tab_h = 0 if p is None or not has_rpb else p.flat_index.numel()
-        tab_c, ncy, ncz = (p.combo_stride, p.n_classes[1], p.n_classes[2]) if p is not None else (0, 1, 1)
-        head = (*(dkdv_strides if keys_major else dq_strides), *common, *setup.n_tiles, tab_h, tab_c, ncy, ncz,
-                *geo.causal, n, has_rpb)
-        block = (*cfg.tile, cfg.block_n, cfg.wz, D, Dv, _block_d(D), _block_d(Dv), prec)
+        setup = pr.setup(cfg, keys_major)
+        head = (*(dkdv_strides if keys_major else dq_strides), *common, *setup.n_tiles, *pr.table_args(setup),
+                *geo.causal, n, pr.has_rpb)
+        tabled = setup.plan is not None
         if keys_major:
-            return setup, head + (p is not None,) + block
-        return setup, head + (has_dlse, deterministic, p is not None) + block + (
+            return setup, head + (tabled,) + pr.block_args(cfg)
+        return setup, head + (has_dlse, deterministic, tabled) + pr.block_args(cfg) + (
             rxyp, rzp, "tf32x3" if q.dtype == torch.float32 else "tf32")
 
     def trial_dq(cfg):
         setup, args = tail(cfg, False)
-        buf = _drpb_target(setup, q, heads, n_rel, has_rpb, deterministic)
-        _DQ.fn[setup.grid](*_dq_tensors(setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf, tdtype), *args,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        buf = _drpb_target(setup, q, pr.heads, n_rel, pr.has_rpb, deterministic)
+        _DQ.fn[setup.grid](*_dq_tensors(setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf, pr.tdtype),
+                           *args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def trial_dkdv(cfg):
         setup, args = tail(cfg, True)
-        _DKDV.fn[setup.grid](*_dkdv_tensors(setup, q, k, v, rpb, grad_out, lse, delta, dk, dv, tdtype), *args,
+        _DKDV.fn[setup.grid](*_dkdv_tensors(setup, q, k, v, rpb, grad_out, lse, delta, dk, dv, pr.tdtype), *args,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     extra = (has_dlse, deterministic)
-    cfg_dq = _tuned(_problem_key("dq", q, v, geo, has_rpb, prec, tables_on, extra),
-                    lambda: _candidates("dq", geo, max(D, Dv), has_rpb), trial_dq)
+    cfg_dq = _tuned(pr.key("dq", q, v, extra), lambda: pr.candidates("dq"), trial_dq)
     trial_dq(cfg_dq)  # delta for the dK/dV autotuner
-    cfg_kv = _tuned(_problem_key("dkdv", q, v, geo, has_rpb, prec, tables_on, extra),
-                    lambda: _candidates("dkdv", geo, max(D, Dv), has_rpb), trial_dkdv)
+    cfg_kv = _tuned(pr.key("dkdv", q, v, extra), lambda: pr.candidates("dkdv"), trial_dkdv)
     setup_dq, args_dq = tail(cfg_dq, False)
     setup_kv, args_kv = tail(cfg_kv, True)
-    return _BwdPlan(_Plan(setup_dq, cfg_dq, args_dq), _Plan(setup_kv, cfg_kv, args_kv), tdtype, tuple(delta.shape),
-                    n_rel, geo.rel_shape, deterministic)
+    return _BwdPlan(_Plan(setup_dq, cfg_dq, args_dq), _Plan(setup_kv, cfg_kv, args_kv), pr.tdtype,
+                    tuple(delta.shape), n_rel, deterministic)
 
 
 def _drpb_target(setup: _Setup, q, heads: int, n_rel: int, has_rpb: bool, deterministic: bool):
