@@ -6,13 +6,14 @@ backend directly). Anything that needs to see the op (torch.compile, export, jit
 meta tensors, tensor subclasses, dispatch modes such as the FLOP counter, functorch transforms)
 goes through the custom op.
 """
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["eager_ok"]
+__all__ = ["eager_ok", "env"]
 
 # nn.Parameter is a plain tensor to the dispatcher: it disables torch_function
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -28,3 +29,17 @@ def eager_ok(*tensors: Optional[Tensor]) -> bool:
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True
+
+
+# os.environ.get encodes the name and wraps the value on every call (a few microseconds, paid
+# several times per op call); on POSIX its backing dict of bytes is read directly, and it stays
+# in step with os.environ (putenv through os.environ updates it, as monkeypatch.setenv does)
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env(name: str, default: Optional[str] = None) -> Optional[str]:
+    """``os.environ.get(name, default)``, cheaply."""
+    if _ENV_DATA is None:  # pragma: no cover - not POSIX
+        return os.environ.get(name, default)
+    value = _ENV_DATA.get(name.encode())
+    return default if value is None else value.decode()

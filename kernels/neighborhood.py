@@ -10,7 +10,6 @@ The ops are the torch custom ops ``foveal::na_fwd`` / ``foveal::na_bwd`` with fa
 implementations and autograd, so ``torch.compile(fullgraph=True)``, the meta device and export see
 one opaque op. Backends (see :mod:`foveal.kernels.backends`) plug in through ``NA_BACKENDS``.
 """
-import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -19,7 +18,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .checks import check_axis_arg, check_bool_axis_arg, check_scale_arg, check_tensors
-from .dispatch import eager_ok as _eager_ok
+from .dispatch import eager_ok as _eager_ok, env
 from .neighborhood_reference import lse_dtype, na_reference_bwd, na_reference_fwd
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "NA_BACKENDS"]
@@ -271,7 +270,7 @@ def neighborhood_attention(
             key = (na_dim, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                    None if rpb is None else (rpb.shape, rpb.dtype, rpb.device), _hashable(kernel_size),
                    _hashable(dilation), _hashable(stride), _hashable(is_causal), scale, backend,
-                   os.environ.get(BACKEND_ENV))
+                   env(BACKEND_ENV))
             resolved = _CHECKED.get(key)
         except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the checks say why
             key = None

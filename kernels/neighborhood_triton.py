@@ -57,6 +57,7 @@ import triton.language as tl
 
 from . import neighborhood_tables as tables
 from .backends import logger
+from .dispatch import env
 from .launch import Launcher, aligned, interpreting, on_device, persistent
 from .neighborhood_reference import lse_dtype
 
@@ -821,7 +822,7 @@ def _block_d(d: int) -> int:
 
 
 def _tables_enabled() -> bool:
-    return os.environ.get("FOVEAL_NA_TABLES", "1") != "0"
+    return env("FOVEAL_NA_TABLES", "1") != "0"
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,13 @@ PyTorch composition, in float32, on any device). No FLOP formula is registered: 
 counter counts matmul-like products only, and none of its norms.
 """
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
-from .dispatch import eager_ok
+from .dispatch import eager_ok, env
 
 __all__ = ["add_layer_norm", "NORM_BACKENDS", "linear_input_dtype"]
 
@@ -302,7 +301,7 @@ def add_layer_norm(
     if not torch.compiler.is_compiling():  # a model calls this tens of times per step with a few signatures
         try:
             key = (x.shape, x.dtype, x.device, _meta(residual), _meta(weight), _meta(bias), eps, out_dtype, backend,
-                   os.environ.get(BACKEND_ENV), torch.is_autocast_enabled(x.device.type),
+                   env(BACKEND_ENV), torch.is_autocast_enabled(x.device.type),
                    torch.get_autocast_dtype(x.device.type))
             name, out_dtype, eps = _CHECKED[key]
         except (AttributeError, TypeError, KeyError, RuntimeError):  # unusual input: the checks below decide
