@@ -417,6 +417,8 @@ def main(argv=None):
     from foveal.kernels import neighborhood_triton
 
     for key, cfg in neighborhood_triton._TUNED.items():
+        if not isinstance(cfg, neighborhood_triton._Config):  # a launch plan, not a tuned config
+            continue
         _log(f"tuned {key[0]} {key[1].sizes} k{key[1].kernel} d{key[1].dilation} D{key[2][-1]} rpb={key[5]}: {cfg}")
 
 
