@@ -1,5 +1,6 @@
 """The neighborhood-attention op contract, checked on the reference backend (CPU)."""
 import inspect
+import os
 import random
 import re
 
@@ -216,6 +217,19 @@ def test_meta_device():
     out, lse = na2d(q, q, v, 3, rpb=torch.empty(3, 5, 5, device="meta"), return_lse=True)
     assert out.device.type == "meta" and out.shape == (2, 9, 10, 3, 5)
     assert lse.shape == (2, 9, 10, 3) and lse.dtype == torch.float32
+
+
+def test_env_lookup_follows_os_environ(monkeypatch):
+    from foveal.kernels.dispatch import env
+
+    monkeypatch.delenv("FOVEAL_TEST_SWITCH", raising=False)
+    assert env("FOVEAL_TEST_SWITCH") is None and env("FOVEAL_TEST_SWITCH", "1") == "1"
+    monkeypatch.setenv("FOVEAL_TEST_SWITCH", "0")
+    assert env("FOVEAL_TEST_SWITCH", "1") == "0"
+    os.environ["FOVEAL_TEST_SWITCH"] = "é"
+    assert env("FOVEAL_TEST_SWITCH") == "é"
+    monkeypatch.delenv("FOVEAL_TEST_SWITCH")
+    assert env("FOVEAL_TEST_SWITCH") is None
 
 
 def test_backend_selection(monkeypatch):
