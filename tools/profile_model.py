@@ -8,9 +8,13 @@ in the same set-up as ``tools/benchmark.py`` (bf16 autocast, channels-last, rand
 for training). Reports per step: wall time, the time some kernel was running on the GPU (the union
 of kernel intervals), the share of the wall the GPU was idle (host bound when large), and the
 kernels grouped by name with their total time and call count. ``--compile`` profiles the
-``torch.compile``-d model.
+``torch.compile``-d model. ``--host`` adds where the host time goes: the wall time per step without
+the profiler, and a ``cProfile`` of the steps (the Python functions with the most own time per step,
+C functions such as kernel launches included).
 """
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 from collections import defaultdict
@@ -82,7 +86,35 @@ def profile(name: str, mode: str, args) -> str:
              "| kernel | ms/step | calls/step |", "|---|---:|---:|"]
     for key in sorted(total, key=total.get, reverse=True)[:args.top]:
         lines.append(f"| `{key}` | {total[key] / args.steps / 1e3:.3f} | {count[key] / args.steps:.0f} |")
+    if args.host:
+        lines += ["", *_host_lines(step, args)]
     return "\n".join(lines) + "\n"
+
+
+def _host_lines(step, args) -> list:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.steps * 1e3
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)
+    own = sum(v[2] for v in stats.values()) / args.steps * 1e3
+    lines = [f"host: wall {wall:.2f} ms/step without the profiler; under cProfile {own:.1f} ms/step of host "
+             "time (cProfile roughly doubles Python's own cost)", "",
+             "| function | own ms/step | cumulative ms/step | calls/step |", "|---|---:|---:|---:|"]
+    for (file, line, name), (calls, _, tt, ct, _) in rows[:args.top]:
+        where = name if file == "~" else f"{file.rsplit('/', 2)[-2] if '/' in file else ''}/{file.rsplit('/', 1)[-1]}:{line} {name}"
+        lines.append(f"| `{where[:90]}` | {tt / args.steps * 1e3:.2f} | {ct / args.steps * 1e3:.2f} | "
+                     f"{calls / args.steps:.0f} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -94,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE")
+    p.add_argument("--host", action="store_true", help="also the wall without the profiler and a cProfile of the steps")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
