@@ -1,7 +1,9 @@
-"""foveal.kernels: attention operators and the fused add + LayerNorm, as torch custom ops (Triton kernels + a PyTorch reference)."""
+"""foveal.kernels: attention operators (neighborhood, halo) and the fused add + LayerNorm, as torch custom ops
+(Triton kernels + a PyTorch reference)."""
 from .backends import BACKEND_ENV, Backend, BackendRegistry
+from .halo import HALO_BACKENDS, halo2d
 from .neighborhood import NA_BACKENDS, na1d, na2d, na3d, neighborhood_attention
 from .norm import NORM_BACKENDS, add_layer_norm
 
-__all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "NA_BACKENDS", "add_layer_norm", "NORM_BACKENDS",
-           "Backend", "BackendRegistry", "BACKEND_ENV"]
+__all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "NA_BACKENDS", "halo2d", "HALO_BACKENDS",
+           "add_layer_norm", "NORM_BACKENDS", "Backend", "BackendRegistry", "BACKEND_ENV"]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["eager_ok", "env"]
+__all__ = ["CheckCache", "eager_ok", "env"]
 
 # nn.Parameter is a plain tensor to the dispatcher: it disables torch_function
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -43,3 +43,24 @@ def env(name: str, default: Optional[str] = None) -> Optional[str]:
         return os.environ.get(name, default)
     value = _ENV_DATA.get(name.encode())
     return default if value is None else value.decode()
+
+
+class CheckCache:
+    """Resolved argument checks of one op, keyed by call signature.
+
+    Calls with the same shapes, dtypes, devices and arguments pass the same checks and pick the same
+    backend, so an op resolves them once per signature (a model makes tens of calls per step with a
+    few signatures). The cache is cleared when it outgrows ``limit`` (shapes that never repeat).
+    """
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._entries: dict = {}
+
+    def get(self, key):
+        return self._entries.get(key)
+
+    def put(self, key, value) -> None:
+        if len(self._entries) > self.limit:
+            self._entries.clear()
+        self._entries[key] = value

@@ -1,6 +1,7 @@
 """foveal.layers: nn.Modules built on foveal.kernels (attention layers, positional terms, padding, norms)."""
+from .halo import HaloAttention2d
 from .mlp import RecomputeMlp
 from .neighborhood import NeighborhoodAttention2d
 from .norm import AddLayerNorm
 
-__all__ = ["AddLayerNorm", "NeighborhoodAttention2d", "RecomputeMlp"]
+__all__ = ["AddLayerNorm", "HaloAttention2d", "NeighborhoodAttention2d", "RecomputeMlp"]

@@ -1,5 +1,6 @@
 """foveal: local- and sparse-attention vision backbones; importing it registers them in timm."""
 from . import kernels, layers
+from .accelerate import accelerate
 from .nat import NAT, NATIsotropic
 
 __version__ = "0.1.0"
