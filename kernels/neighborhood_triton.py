@@ -23,8 +23,9 @@ map, i.e. a dense fused attention. The backward is two kernels:
   line. ``dS`` is permuted to rows (query line, key line) x columns (query z, key slot) and
   multiplied by a one-hot Toeplitz matrix that sums each diagonal into its z offset; a second
   one-hot product adds the rows into a ``[RXYP, RZP]`` register accumulator indexed by the (x, y)
-  offset. The one-hot operands are exact; ``dS`` enters as tf32 (finer than fp16/bf16 inputs) or
-  as tf32x3 for fp32 inputs. (1-D maps and tiles with fewer than 16 line pairs gather the
+  offset. The one-hot operands are exact; ``dS`` enters rounded to the input dtype for fp16/bf16
+  inputs (as it enters the dQ product; twice the tensor-core rate of tf32) and as tf32x3 for fp32
+  inputs; the row sums of the second product stay fp32 (tf32). (1-D maps and tiles with fewer than 16 line pairs gather the
   per-row shift instead.) Each program writes its accumulator once: into its own row of a
   partial buffer summed in a fixed order when ``torch.are_deterministic_algorithms_enabled()``,
   else with one ``atomic_add`` per entry. No (query, neighbor) tensor is ever stored.
@@ -208,8 +209,12 @@ def _drpb_block(ds, acc, cz, x0q, y0q, z0q, it, n_zseg, kbx0, kby0, kbz0, ex, ey
         t = tl.arange(0, TZ * WZ)
         rel_z = (t % WZ) - (t // WZ) + (zbase - z0q + KER_Z - 1)
         toeplitz = (rel_z[:, None] == tl.arange(0, RZP)[None, :]).to(tl.float32)
-        # [QL * NL, RZP]; the one-hot operand is exact; dS keeps tf32's 11 bits, finer than half inputs
-        h = tl.dot(h, toeplitz, input_precision=DRPB_PREC)
+        # [QL * NL, RZP]; the one-hot operand is exact. Half inputs: dS enters rounded to the input
+        # dtype, as it does in the dQ product; fp32 inputs: tf32x3
+        if DRPB_PREC == "half":
+            h = tl.dot(h, toeplitz.to(h.dtype))
+        else:
+            h = tl.dot(h, toeplitz, input_precision=DRPB_PREC)
     else:
         # few rows (tl.dot needs 16) or a large Toeplitz operand: gather the per-row shift into columns
         col = tl.arange(0, NL * RZP)
@@ -218,7 +223,7 @@ def _drpb_block(ds, acc, cz, x0q, y0q, z0q, it, n_zseg, kbx0, kby0, kbz0, ex, ey
         zz = cz[:, None] + r[None, :] - (KER_Z - 1) - zbase
         ok = (zz >= 0) & (zz < WZ) & (r[None, :] < 2 * KER_Z - 1)
         idx = line_local[None, :] * WZ + tl.where(ok, zz, 0)
-        g = tl.where(ok, tl.gather(ds, idx, axis=1), 0.0)
+        g = tl.where(ok, tl.gather(ds, idx, axis=1).to(tl.float32), 0.0)
         h = tl.reshape(tl.sum(tl.reshape(g, [QL, TZ, NL * RZP]), axis=1), [QL * NL, RZP])
     if NDIM == 1:
         acc += tl.sum(h, axis=0)[None, :]
@@ -232,7 +237,7 @@ def _drpb_block(ds, acc, cz, x0q, y0q, z0q, it, n_zseg, kbx0, kby0, kbz0, ex, ey
         rxy = rx * (2 * KER_Y - 1) + ry
         onehot = ((tl.arange(0, RXYP)[:, None] == rxy[None, :]) & ok_line[None, :]).to(tl.float32)
         if QL * NL >= 16:
-            acc += tl.dot(onehot, h, input_precision=DRPB_PREC)
+            acc += tl.dot(onehot, h, input_precision="tf32" if DRPB_PREC == "half" else DRPB_PREC)
         else:
             acc += tl.sum(onehot[:, :, None] * h[None, :, :], axis=1)
     return acc
@@ -476,9 +481,10 @@ def _na_bwd_dq(
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        ds_op = ds.to(k.dtype)
+        dq += tl.dot(ds_op, k, input_precision=DOT_PREC)
         if HAS_RPB:
-            drpb_acc = _drpb_block(ds, drpb_acc, cz, tx * TX, ty * TY, tz * TZ, it, n_zseg, kbx0, kby0, kbz0,
+            drpb_acc = _drpb_block(ds_op if DRPB_PREC == "half" else ds, drpb_acc, cz, tx * TX, ty * TY, tz * TZ, it, n_zseg, kbx0, kby0, kbz0,
                                    kbx1 - kbx0, kby1 - kby0, KER_X, KER_Y, KER_Z,
                                    TX, TY, TZ, BLOCK_N, WZ, RXYP, RZP, NDIM, DRPB_PREC)
 
@@ -606,10 +612,16 @@ def _na_bwd_dkdv(
 # -- logit tables ---------------------------------------------------------------------------------
 
 @triton.jit
-def _na_logit_table(RPB, IDX, TAB, n_idx, n_rel, BLOCK: tl.constexpr):
+def _na_logit_table(RPB, IDX, TAB, ZERO, n_idx, n_rel, n_zero, BLOCK: tl.constexpr):
     # TAB[h, i] = log2(e) * rpb[h, IDX[i]], or -inf where IDX[i] is the masked sentinel n_rel: one
-    # launch per call builds the table the attention kernels load (neighborhood_tables.py)
+    # launch per call builds the table the attention kernels load (neighborhood_tables.py). The
+    # backward's launch also zeroes the dRPB accumulator ZERO [heads, n_zero] (no memset launch).
     h = tl.program_id(1).to(tl.int64)
+    if n_zero > 0:
+        if tl.program_id(0) == 0:
+            for start in range(0, n_zero, BLOCK):
+                zo = start + tl.arange(0, BLOCK)
+                tl.store(ZERO + h * n_zero + zo, tl.zeros([BLOCK], tl.float32), mask=zo < n_zero)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_idx
     idx = tl.load(IDX + offs, mask=ok, other=0)
@@ -855,13 +867,22 @@ def _logit_table(setup: _Setup, rpb: Optional[torch.Tensor], dtype: torch.dtype)
         if table is None:
             table = p.masks[dtype] = persistent(p.index.device, lambda: tables.bias_table(p, None, dtype)[0])
         return table, 0
-    n_idx = p.flat_index.numel()
+    return _bias_table(p.flat_index, p.n_rel, rpb, dtype), p.flat_index.numel()
+
+
+def _bias_table(index: torch.Tensor, n_rel: int, rpb: torch.Tensor, dtype: torch.dtype,
+                zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[heads, len(index)]``: the base-2 bias at every flat ``index`` entry (-inf at the masked
+    sentinel ``n_rel``), built by one launch that also zeroes ``zero`` ``[heads, n_rel]`` if given."""
+    n_idx = index.numel()
     heads = rpb.shape[0]
     r = rpb if rpb.is_contiguous() else rpb.contiguous()
     table = torch.empty(heads, n_idx, dtype=dtype, device=r.device)
-    _TABLE((-(-n_idx // _TABLE_BLOCK), heads), (r, p.flat_index, table, n_idx, p.n_rel, _TABLE_BLOCK),
-           (n_idx, p.n_rel, r.dtype, dtype, r.data_ptr() & 15 == 0), num_warps=4)
-    return table, n_idx
+    n_zero = 0 if zero is None else n_rel
+    _TABLE((-(-n_idx // _TABLE_BLOCK), heads),
+           (r, index, table, _empty(r, torch.float32) if zero is None else zero, n_idx, n_rel, n_zero, _TABLE_BLOCK),
+           (n_idx, n_rel, n_zero, r.dtype, dtype, r.data_ptr() & 15 == 0), num_warps=4)
+    return table
 
 
 _EMPTY: dict = {}
@@ -950,12 +971,14 @@ class _Problem:
         return _setup(self.geo, cfg, self.batch, self.heads, keys_major, table_heads, self.tdtype, self.device,
                       self.tables_on)
 
-    def table_args(self, setup: _Setup) -> tuple:
+    def table_args(self, setup: _Setup, head_stride: Optional[int] = None) -> tuple:
         # (head stride of the logit table, class-combination stride, classes along y and z)
         p = setup.plan
         if p is None:
             return 0, 0, 1, 1
-        return (p.flat_index.numel() if self.has_rpb else 0), p.combo_stride, p.n_classes[1], p.n_classes[2]
+        if head_stride is None:
+            head_stride = p.flat_index.numel()
+        return (head_stride if self.has_rpb else 0), p.combo_stride, p.n_classes[1], p.n_classes[2]
 
     def block_args(self, cfg: _Config) -> tuple:
         return (*cfg.tile, cfg.block_n, cfg.wz, self.D, self.Dv, _block_d(self.D), _block_d(self.Dv), self.prec)
@@ -1028,11 +1051,19 @@ def na_triton_fwd(q, k, v, rpb, kernel_size: Sequence[int], dilation: Sequence[i
 
 
 class _BwdPlan:
-    __slots__ = ("dq", "dkdv", "tdtype", "delta_shape", "n_rel", "deterministic")
+    """Both backward launches of one call signature. With a bias, one table launch per call builds
+    the logit tables of both kernels (``index``: their flat indexes, dQ's first, ``kv_offset``:
+    where dK/dV's start) and zeroes the atomic dRPB accumulator, which shares one float32
+    allocation with ``delta`` (``delta_numel`` elements, 16-byte aligned after them)."""
 
-    def __init__(self, dq, dkdv, tdtype, delta_shape, n_rel, deterministic):
+    __slots__ = ("dq", "dkdv", "tdtype", "delta_shape", "delta_numel", "n_rel", "deterministic", "index",
+                 "kv_offset")
+
+    def __init__(self, dq, dkdv, tdtype, delta_shape, n_rel, deterministic, index, kv_offset):
         self.dq, self.dkdv, self.tdtype = dq, dkdv, tdtype
         self.delta_shape, self.n_rel, self.deterministic = delta_shape, n_rel, deterministic
+        self.delta_numel = -(-math.prod(delta_shape) // 4) * 4
+        self.index, self.kv_offset = index, kv_offset
 
 
 def _bwd_plan(grad_out, q, k, v, rpb, out, lse, glse, has_dlse, dq, dk, dv, geo, scale, deterministic) -> _BwdPlan:
@@ -1047,15 +1078,15 @@ def _bwd_plan(grad_out, q, k, v, rpb, out, lse, glse, has_dlse, dq, dk, dv, geo,
                     *_strides(lse, n, False), *_strides(dk, n), *_strides(dv, n))
     delta = torch.empty(pr.batch, pr.heads, *geo.sizes, dtype=torch.float32, device=q.device)
 
-    def tail(cfg, keys_major):
+    def tail(cfg, keys_major, head_stride=None):
         setup = pr.setup(cfg, keys_major)
-        head = (*(dkdv_strides if keys_major else dq_strides), *common, *setup.n_tiles, *pr.table_args(setup),
-                *geo.causal, n, pr.has_rpb)
+        head = (*(dkdv_strides if keys_major else dq_strides), *common, *setup.n_tiles,
+                *pr.table_args(setup, head_stride), *geo.causal, n, pr.has_rpb)
         tabled = setup.plan is not None
         if keys_major:
             return setup, head + (tabled,) + pr.block_args(cfg)
         return setup, head + (has_dlse, deterministic, tabled) + pr.block_args(cfg) + (
-            rxyp, rzp, "tf32x3" if q.dtype == torch.float32 else "tf32")
+            rxyp, rzp, "tf32x3" if q.dtype == torch.float32 else "half")
 
     def trial_dq(cfg):
         setup, args = tail(cfg, False)
@@ -1072,10 +1103,19 @@ def _bwd_plan(grad_out, q, k, v, rpb, out, lse, glse, has_dlse, dq, dk, dv, geo,
     cfg_dq = _tuned(pr.key("dq", q, v, extra), lambda: pr.candidates("dq"), trial_dq)
     trial_dq(cfg_dq)  # delta for the dK/dV autotuner
     cfg_kv = _tuned(pr.key("dkdv", q, v, extra), lambda: pr.candidates("dkdv"), trial_dkdv)
-    setup_dq, args_dq = tail(cfg_dq, False)
-    setup_kv, args_kv = tail(cfg_kv, True)
+    index = None
+    kv_offset = 0
+    if pr.has_rpb:  # one table for both kernels
+        plans = [pr.setup(cfg, km).plan for cfg, km in ((cfg_dq, False), (cfg_kv, True))]
+        parts = [p.flat_index for p in plans if p is not None]
+        if parts:
+            index = persistent(q.device, lambda: torch.cat(parts))
+            kv_offset = parts[0].numel() if plans[0] is not None else 0
+    head_stride = None if index is None else index.numel()
+    setup_dq, args_dq = tail(cfg_dq, False, head_stride)
+    setup_kv, args_kv = tail(cfg_kv, True, head_stride)
     return _BwdPlan(_Plan(setup_dq, cfg_dq, args_dq), _Plan(setup_kv, cfg_kv, args_kv), pr.tdtype,
-                    tuple(delta.shape), n_rel, deterministic)
+                    tuple(delta.shape), n_rel, deterministic, index, kv_offset)
 
 
 def _drpb_target(setup: _Setup, q, heads: int, n_rel: int, has_rpb: bool, deterministic: bool):
@@ -1087,21 +1127,23 @@ def _drpb_target(setup: _Setup, q, heads: int, n_rel: int, has_rpb: bool, determ
     return torch.zeros(heads, n_rel, dtype=torch.float32, device=q.device)
 
 
-def _dq_tensors(setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf, tdtype) -> tuple:
+def _dq_tensors(setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf, tdtype, tab=None) -> tuple:
     if setup.plan is None:
         empty = _empty(q, torch.int32)
         r = _rpb_log2(rpb) if rpb is not None else _empty(q, q.dtype)
         return q, k, v, r, out, grad_out, lse, glse, delta, dq, buf, empty, empty
-    tab, _ = _logit_table(setup, rpb, tdtype)
+    if tab is None:
+        tab, _ = _logit_table(setup, rpb, tdtype)
     return q, k, v, _empty(q, q.dtype), out, grad_out, lse, glse, delta, dq, buf, tab, setup.plan.cls
 
 
-def _dkdv_tensors(setup, q, k, v, rpb, grad_out, lse, delta, dk, dv, tdtype) -> tuple:
+def _dkdv_tensors(setup, q, k, v, rpb, grad_out, lse, delta, dk, dv, tdtype, tab=None) -> tuple:
     if setup.plan is None:
         empty = _empty(q, torch.int32)
         r = _rpb_log2(rpb) if rpb is not None else _empty(q, q.dtype)
         return q, k, v, r, grad_out, lse, delta, dk, dv, empty, empty
-    tab, _ = _logit_table(setup, rpb, tdtype)
+    if tab is None:
+        tab, _ = _logit_table(setup, rpb, tdtype)
     return q, k, v, _empty(q, q.dtype), grad_out, lse, delta, dk, dv, tab, setup.plan.cls
 
 
@@ -1129,13 +1171,24 @@ def na_triton_bwd(grad_out, q, k, v, rpb, out, lse, grad_lse, kernel_size: Seque
             geo = _geometry(q, kernel_size, dilation, stride, is_causal)
             plan = _remember(key, _bwd_plan(grad_out, q, k, v, rpb, out, lse, glse, grad_lse is not None,
                                             dq, dk, dv, geo, scale, deterministic))
-        delta = torch.empty(plan.delta_shape, dtype=torch.float32, device=q.device)
         heads = q.shape[-2]
-        buf = _drpb_target(plan.dq.setup, q, heads, plan.n_rel, has_rpb, deterministic)
+        atomic = has_rpb and not deterministic
+        dn = plan.delta_numel
+        scratch = torch.empty(dn + (heads * plan.n_rel if atomic else 0), dtype=torch.float32, device=q.device)
+        delta = scratch[:math.prod(plan.delta_shape)].view(plan.delta_shape)
+        buf = scratch[dn:].view(heads, plan.n_rel) if atomic else _drpb_target(
+            plan.dq.setup, q, heads, plan.n_rel, has_rpb, deterministic)
+        tab_dq = tab_kv = None
+        if plan.index is not None:
+            tab = _bias_table(plan.index, plan.n_rel, rpb, plan.tdtype, buf if atomic else None)
+            tab_dq = tab if plan.dq.setup.plan is not None else None
+            tab_kv = tab[:, plan.kv_offset:] if plan.dkdv.setup.plan is not None else None
+        elif atomic:
+            buf.zero_()
         plan.dq.launch(_DQ, _dq_tensors(plan.dq.setup, q, k, v, rpb, out, grad_out, lse, glse, delta, dq, buf,
-                                        plan.tdtype))
+                                        plan.tdtype, tab_dq))
         plan.dkdv.launch(_DKDV, _dkdv_tensors(plan.dkdv.setup, q, k, v, rpb, grad_out, lse, delta, dk, dv,
-                                              plan.tdtype))
+                                              plan.tdtype, tab_kv))
     drpb = None
     if has_rpb:
         total = buf.view(q.shape[0], heads, -1, plan.n_rel).sum((0, 2)) if deterministic else buf
