@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--iters", type=int, default=20, help="timed steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--fused-optimizer", action="store_true",
+                   help="AdamW(fused=True): one kernel for all parameters (default: torch's foreach AdamW)")
     p.add_argument("--no-isolate", action="store_true",
                    help="on CPU, measure in this process (faster; no peak memory)")
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown file holding the section")
@@ -136,7 +138,7 @@ def measure(args, name: str, mode: str) -> dict:
                 net(x)
     else:
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if args.fused_optimizer else None)
         target = torch.randint(0, model.num_classes or 1, (args.batch_size,), device=device)
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
@@ -309,7 +311,8 @@ def main(argv=None):
         "",
         f"Device: {device_name(args.device)}. torch {torch.__version__}, timm {timm.__version__}, "
         f"foveal {foveal.__version__}. {datetime.date.today().isoformat()}. Median of {args.iters} steps "
-        f"after {args.warmup} warm-up steps; training = forward + backward + AdamW step.",
+        f"after {args.warmup} warm-up steps; training = forward + backward + "
+        f"{'fused ' if args.fused_optimizer else ''}AdamW step.",
         "",
         "```bash",
         command,
