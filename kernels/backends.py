@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Backend", "BackendRegistry", "BACKEND_ENV", "logger"]
+__all__ = ["Backend", "BackendRegistry", "BACKEND_ENV", "logger", "triton_device_reason"]
 
 BACKEND_ENV = "FOVEAL_BACKEND"
 
@@ -95,3 +95,18 @@ class BackendRegistry:
                 f"{self.op_name}: backend {requested!r} (from {source}) cannot run this call: {reason}"
             )
         return requested
+
+
+def triton_device_reason(t: torch.Tensor, interpreting: bool) -> Optional[str]:
+    """Why a Triton backend cannot take ``t``'s device (``None`` when it can): CUDA tensors, or CPU
+    tensors when the kernels run in Triton's interpreter (``interpreting``)."""
+    if t.is_cuda:
+        return None
+    if not t.is_cpu:
+        return f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device={t.device}"
+    if interpreting:
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return ("CPU tensors need Triton's interpreter, but TRITON_INTERPRET=1 was set after triton was "
+                "imported; set it before the first import")
+    return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
