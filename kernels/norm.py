@@ -17,12 +17,13 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .dispatch import eager_ok, env
 
-__all__ = ["add_layer_norm", "NORM_BACKENDS", "linear_input_dtype"]
+__all__ = ["add_layer_norm", "add_layer_norm_linear", "NORM_BACKENDS", "linear_input_dtype"]
 
 
 def linear_input_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -297,6 +298,19 @@ def add_layer_norm(
         >>> h.shape, torch.equal(s, x + y)
         (torch.Size([2, 7, 7, 64]), True)
     """
+    name, out_dtype, eps = _resolve(x, residual, weight, bias, eps, out_dtype, backend)
+    if not eager_ok(x, residual, weight, bias):
+        h, s, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps, out_dtype, name)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+        out = _EagerAddLayerNorm.apply(x, residual, weight, bias, eps, out_dtype, name)
+        h, s = (out, None) if residual is None else out
+    else:  # nothing to differentiate: no autograd node
+        h, s, _, _ = NORM_BACKENDS[name].fwd(x, residual, weight, bias, eps, out_dtype)
+    return h, (x if residual is None else s)
+
+
+def _resolve(x, residual, weight, bias, eps, out_dtype, backend) -> tuple:
+    """``(backend name, out_dtype, eps)`` of a call, after its checks (once per call signature)."""
     name = key = None
     if not torch.compiler.is_compiling():  # a model calls this tens of times per step with a few signatures
         try:
@@ -317,11 +331,85 @@ def add_layer_norm(
             if len(_CHECKED) > 4096:
                 _CHECKED.clear()
             _CHECKED[key] = (name, out_dtype, eps)
-    if not eager_ok(x, residual, weight, bias):
-        h, s, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps, out_dtype, name)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-        out = _EagerAddLayerNorm.apply(x, residual, weight, bias, eps, out_dtype, name)
-        h, s = (out, None) if residual is None else out
-    else:  # nothing to differentiate: no autograd node
-        h, s, _, _ = NORM_BACKENDS[name].fwd(x, residual, weight, bias, eps, out_dtype)
-    return h, (x if residual is None else s)
+    return name, out_dtype, eps
+
+
+def add_layer_norm_linear(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``s = x + residual`` and ``F.linear(LayerNorm(s), linear_weight, linear_bias)``, keeping ``s``
+    but not the normalized ``h`` for the backward, which recomputes ``h`` from ``s``.
+
+    The results are those of :func:`add_layer_norm` (``out_dtype`` None) followed by ``F.linear``;
+    the gradients match theirs to rounding. A pre-norm block keeps ``s`` (the residual stream) for
+    the norm's backward anyway, so the saved ``h`` (``C`` elements a token in the Linear's dtype)
+    is what this saves, for one more norm pass in the backward. The single autograd node is used
+    for eager calls that need gradients; elsewhere (no grad, ``torch.compile``, dispatch modes) it
+    is the two ops.
+
+    Args:
+        x, residual, weight, bias, eps, backend: as for :func:`add_layer_norm` (``residual`` is required).
+        linear_weight: ``[N, C]`` weight of the Linear that consumes the normalized stream.
+        linear_bias: ``[N]`` bias of that Linear, or None.
+
+    Returns:
+        ``(out, s)``: ``out`` ``[*, linear_weight.shape[0]]``; ``s`` as :func:`add_layer_norm` returns it.
+    """
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"add_layer_norm_linear: residual must be a torch.Tensor, got {type(residual).__name__}")
+    tensors = (x, residual, weight, bias, linear_weight, linear_bias)
+    if not (eager_ok(*tensors) and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in tensors)):
+        h, s = add_layer_norm(x, residual, weight, bias, eps, backend=backend)
+        return F.linear(h, linear_weight, linear_bias), s
+    name, out_dtype, eps = _resolve(x, residual, weight, bias, eps, None, backend)
+    return _EagerAddLayerNormLinear.apply(x, residual, weight, bias, linear_weight, linear_bias, eps, out_dtype, name)
+
+
+class _EagerAddLayerNormLinear(torch.autograd.Function):
+    """:func:`add_layer_norm` then ``F.linear`` as one node that saves ``s``, not the norm output."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, out_dtype, backend):
+        h, s, mean, rstd = NORM_BACKENDS[backend].fwd(x, residual, weight, bias, eps, out_dtype)
+        ctx.lin_dtypes = (lin_weight.dtype, None if lin_bias is None else lin_bias.dtype)
+        if torch.is_autocast_enabled(h.device.type):  # the casts autocast's linear makes, kept for the backward
+            lin_weight = lin_weight.to(h.dtype)
+            lin_bias = None if lin_bias is None else lin_bias.to(h.dtype)
+        out = F.linear(h, lin_weight, lin_bias)
+        ctx.save_for_backward(s, weight, bias, mean, rstd, lin_weight)
+        ctx.cfg = _grad_cfg(x, residual, bias, backend)
+        ctx.norm = (eps, out_dtype)
+        ctx.set_materialize_grads(False)
+        return out, s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_s):
+        s, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
+        x_dtype, dres_dtype, bias_dtype, has_res, backend = ctx.cfg
+        eps, out_dtype = ctx.norm
+        w_dtype, b_dtype = ctx.lin_dtypes
+        grad_lw = grad_lb = None
+        if grad_out is None:
+            grad_h = torch.zeros_like(s, dtype=out_dtype)
+        else:
+            h = NORM_BACKENDS[backend].fwd(s, None, weight, bias, eps, out_dtype)[0]  # the forward's h, recomputed
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_h = (g @ lin_weight.to(g.dtype)).view(s.shape)
+            if ctx.needs_input_grad[4]:
+                grad_lw = (g.t() @ h.reshape(-1, h.shape[-1]).to(g.dtype)).to(w_dtype)
+            if b_dtype is not None and ctx.needs_input_grad[5]:
+                grad_lb = g.sum(0).to(b_dtype)
+        grads = NORM_BACKENDS[backend].bwd(grad_h, grad_s, s, weight, mean, rstd, x_dtype, dres_dtype, bias_dtype)
+        dx, dres, dweight, dbias = _input_grads(*grads, has_res, dres_dtype is not None, weight is not None,
+                                                bias_dtype is not None)[:4]
+        return dx, dres, dweight, dbias, grad_lw, grad_lb, None, None, None

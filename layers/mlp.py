@@ -81,13 +81,23 @@ class RecomputeMlp(Mlp):
                          device=device, dtype=dtype)
         self.act = nn.GELU(approximate=approximate)
 
+    def recomputes(self) -> bool:
+        """True when a call trains through the fused GELU + fc2 node (training, gradients on, no dropout)."""
+        return self.training and torch.is_grad_enabled() and self.drop1.p == 0. and self.drop2.p == 0.
+
+    @torch.jit.unused
+    def forward_hidden(self, a: Tensor) -> Tensor:
+        """The MLP after ``fc1``: ``a`` is the ``fc1`` output (a block may compute it fused with its norm)."""
+        if self.recomputes():
+            return _GeluLinear.apply(a, self.fc2.weight, self.fc2.bias, self.act.approximate)
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(a)))))
+
     @torch.jit.unused
     def _fused(self, x: Tensor) -> Tensor:
         return _GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias, self.act.approximate)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (not torch.jit.is_scripting() and self.training and torch.is_grad_enabled()
-                and self.drop1.p == 0. and self.drop2.p == 0.):
+        if not torch.jit.is_scripting() and self.recomputes():
             return self._fused(x)
         # timm's forward, written out: TorchScript cannot call super().forward
         x = self.fc1(x)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Proxy
 
-from foveal.kernels import add_layer_norm
+from foveal.kernels import add_layer_norm, add_layer_norm_linear
 
 __all__ = ["AddLayerNorm"]
 
@@ -75,6 +75,29 @@ class AddLayerNorm(nn.LayerNorm):
             s = x + y
             return s, F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps)
         return self._forward(x, y)
+
+    def forward_add_linear(self, x: Tensor, y: Tensor, linear: nn.Linear) -> Tuple[Tensor, Tensor]:
+        """``(s, linear(h))`` for ``(s, h) = forward_add(x, y)``, without keeping ``h`` for the
+        backward: eager training recomputes it from ``s`` (which the norm's backward keeps anyway),
+        so the Linear's saved input costs no memory (see :func:`foveal.kernels.add_layer_norm_linear`).
+
+        Args:
+            x: Residual stream (*, C).
+            y: Branch output to add (*, C).
+            linear: The ``nn.Linear`` that consumes the normalized stream.
+        """
+        if torch.jit.is_scripting():
+            s = x + y
+            return s, linear(F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps))
+        return self._forward_linear(x, y, linear)
+
+    @torch.jit.unused
+    def _forward_linear(self, x: Tensor, y: Tensor, linear: nn.Linear) -> Tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling() or isinstance(x, Proxy) or isinstance(y, Proxy):
+            s, h = self._forward(x, y)  # plain ops: inductor decides what to keep
+            return s, linear(h)
+        out, s = add_layer_norm_linear(x, y, self.weight, self.bias, linear.weight, linear.bias, self.eps)
+        return s, out
 
     @torch.jit.unused
     def _forward(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foveal.kernels import NORM_BACKENDS, add_layer_norm
+from foveal.kernels import NORM_BACKENDS, add_layer_norm, add_layer_norm_linear
 from foveal.layers import AddLayerNorm
 
 triton = pytest.importorskip("triton")
@@ -417,6 +417,58 @@ def test_nat_block_fused_matches_unfused():
         plain.zero_grad()
 
 
+def _norm_linear_case(autocast, backend, seed=0):
+    """Outputs, gradients and saved bytes of add_layer_norm_linear and of add_layer_norm + F.linear."""
+    g = torch.Generator().manual_seed(seed)
+    C, N = 24, 40
+    base = [torch.randn(2, 3, 5, C, generator=g), torch.randn(2, 3, 5, C, generator=g),
+            1 + 0.5 * torch.randn(C, generator=g), 0.5 * torch.randn(C, generator=g),
+            0.3 * torch.randn(N, C, generator=g), torch.randn(N, generator=g)]
+    results = []
+    for fused in (True, False):
+        x, r, w, b, lw, lb = (t.clone().requires_grad_() for t in base)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rr = r.to(BF16) if autocast else r  # the branch output under autocast
+            if fused:
+                out, s = add_layer_norm_linear(x, rr, w, b, lw, lb, backend=backend)
+            else:
+                h, s = add_layer_norm(x, rr, w, b, backend=backend)
+                out = F.linear(h, lw, lb)
+        (out.float().square().sum() + s.float().sin().sum()).backward()
+        results.append((out, s, [t.grad for t in (x, r, w, b, lw, lb)], sum(saved)))
+    return results
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_add_layer_norm_linear_matches_the_two_ops_and_keeps_less(autocast):
+    (out, s, grads, saved), (out0, s0, grads0, saved0) = _norm_linear_case(autocast, "reference")
+    assert out.dtype == out0.dtype and torch.equal(out, out0) and torch.equal(s, s0)
+    for name, a, b in zip(("x", "residual", "weight", "bias", "linear weight", "linear bias"), grads, grads0):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    h_bytes = 2 * 3 * 5 * 24 * (2 if autocast else 4)
+    # the normalized output is recomputed, not kept (the node keeps the norm's bias for that)
+    assert saved == saved0 - h_bytes + 24 * 4
+
+
+def test_add_layer_norm_linear_without_grad_is_the_two_ops():
+    x, r = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    w, b, lw, lb = torch.rand(8) + 0.5, torch.randn(8), torch.randn(5, 8), torch.randn(5)
+    with torch.no_grad():
+        out, s = add_layer_norm_linear(x, r, w, b, lw, lb)
+    h, s0 = add_layer_norm(x, r, w, b)
+    assert torch.equal(s, s0) and torch.equal(out, F.linear(h, lw, lb))
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        add_layer_norm_linear(x, None, w, b, lw, lb)
+
+
 # -- Triton, in the interpreter -------------------------------------------------------------------
 
 @pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
@@ -524,6 +576,17 @@ def test_interpreted_empty_and_single_rows(small_tiles):
     assert torch.equal(w.grad, torch.zeros(16)) and x.grad.shape == x.shape
     x, r, w, b = _case((16,), F32, F32, "weight+bias")
     _check(x, r, w, b, backend="triton")
+
+
+@interpreter
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_interpreted_add_layer_norm_linear(small_tiles, autocast):
+    (out, s, grads, saved), (out0, s0, grads0, saved0) = _norm_linear_case(autocast, "triton")
+    assert torch.equal(out, out0) and torch.equal(s, s0)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", "residual", "weight", "bias", "linear weight", "linear bias"), grads, grads0):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    assert saved < saved0
 
 
 @interpreter

@@ -162,15 +162,31 @@ class NATBlock(nn.Module):
         y = self.attn(h)
         if self.gamma1 is not None:
             y = self.gamma1 * y
-        if self.fused_norm:
-            x, h = self.norm2.forward_add(x, self.drop_path1(y))
+        fused_mlp = False
+        if not torch.jit.is_scripting():
+            fused_mlp = self._norm2_fc1_fused()
+        if fused_mlp:
+            x, y = self._norm2_mlp(x, y)
         else:
-            x = x + self.drop_path1(y)
-            h = self.norm2(x)
-        y = self.mlp(h)
+            if self.fused_norm:
+                x, h = self.norm2.forward_add(x, self.drop_path1(y))
+            else:
+                x = x + self.drop_path1(y)
+                h = self.norm2(x)
+            y = self.mlp(h)
         if self.gamma2 is not None:
             y = self.gamma2 * y
         return x, self.drop_path2(y)
+
+    @torch.jit.unused
+    def _norm2_fc1_fused(self) -> bool:
+        return self.fused_norm and isinstance(self.mlp, RecomputeMlp) and self.mlp.recomputes()
+
+    @torch.jit.unused
+    def _norm2_mlp(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # training: fc1 fused with norm2, whose output is recomputed in the backward instead of kept
+        x, a = self.norm2.forward_add_linear(x, self.drop_path1(y), self.mlp.fc1)
+        return x, self.mlp.forward_hidden(a)
 
 
 class NATBlocks(nn.Sequential):
