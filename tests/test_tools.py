@@ -341,3 +341,27 @@ def test_benchmark_writes_its_section_only(tmp_path):
     assert "python tools/benchmark.py --models test_resnet" in section and "--no-isolate" in section
     assert "| test_resnet | 0.47 | infer | 4 | 3x32x32 |" in section
     assert "| test_resnet | 0.47 | train | 4 | 3x32x32 |" in section
+
+
+
+def test_halonet_paper_recipes_train_a_step(image_folder, tmp_path):
+    """One optimizer step of each H-family recipe (its optimizer, schedule, loss and augmentation) on
+    the CI-sized member of the family at its smallest input, all in one process (a start-up each
+    would cost more than the steps)."""
+    recipes = sorted((ROOT / "configs" / "classification").glob("halonet_paper_h*_in1k.yaml"))
+    assert [r.stem for r in recipes] == [f"halonet_paper_h{h}_in1k" for h in range(8)]
+    for recipe in recipes:
+        assert train_tool.parse_args(["--config", str(recipe)]).model == recipe.stem[:-len("_in1k")]
+    script = (
+        "import sys, train\n"
+        "for recipe, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        f"    train.main(['--config', recipe, '--model', 'test_halonet_paper', '--img-size', '128', '--dataset',"
+        f" {str(image_folder)!r}, '--val-split', 'val', '--train-limit', '2', '--val-limit', '2', '--batch-size', '2',"
+        " '--epochs', '1', '--workers', '0', '--aug-repeats', '0', '--output', out, '--experiment', 'h',"
+        " '--progress', 'off'])\n"
+    )
+    outs = [tmp_path / r.stem for r in recipes]
+    proc = subprocess.run([sys.executable, "-c", script, *[str(x) for pair in zip(recipes, outs) for x in pair]],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(_rows(out / "h")[0]["step"] == 1 for out in outs)
