@@ -26,7 +26,7 @@ from foveal._checkpoint import UnsafeCheckpointError, foreign_state_dict, load_f
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub", "bench_host", "saved_activations", "bench_norm",
-           "bench_rpb", "profile_model")
+           "bench_rpb", "profile_model", "bench_halo")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 sys.path.insert(0, str(TOOLS))
