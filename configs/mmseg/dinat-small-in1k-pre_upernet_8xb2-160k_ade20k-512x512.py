@@ -1,0 +1,11 @@
+# UPerNet, DiNAT-Small, ADE20K 160k, 512x512: DiNAT (arXiv:2209.15001): 48.9 / 49.9 mIoU (ss / ms).
+_base_ = './dinat-tiny-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+
+out_channels = [96, 192, 384, 768]
+model = dict(
+    backbone=dict(
+        model_name='dinat_small',
+        drop_path_rate=0.5,
+        init_cfg=dict(type='Pretrained', checkpoint='dinat_small.in1k')),
+    decode_head=dict(in_channels=out_channels),
+    auxiliary_head=dict(in_channels=out_channels[2]))
