@@ -293,3 +293,26 @@ def test_check_cache_and_backend_env(monkeypatch):
     with pytest.raises(ValueError, match="environment variable FOVEAL_BACKEND"):
         halo2d(q, q, q, 4, 1)
     assert HALO_BACKENDS.names()[-1] == "reference"
+
+
+def _cached_hub_weights(name):
+    from huggingface_hub import try_to_load_from_cache
+    path = try_to_load_from_cache(timm.get_pretrained_cfg(name).hf_hub_id, "model.safetensors")
+    return path if isinstance(path, str) else None
+
+
+@pytest.mark.parametrize("name", TIMM_HALONETS)
+def test_accelerate_timm_model_hub_weights(name, monkeypatch):
+    """The published ``timm/`` weights, where a hub cache holds them (never downloaded here)."""
+    if _cached_hub_weights(name) is None:
+        pytest.skip(f"no cached timm/{name} weights (HF hub cache)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=True).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+        foveal.accelerate(model, verbose=False)
+        after = model(x)
+    assert _rel_err(after, before) <= 1e-5
