@@ -171,7 +171,7 @@ GPU_SHAPES = [
     (8, 16, 16, 8, 64, 64, 8, 2, 2),  # halonet26t stage 4, strided queries
     (8, 16, 16, 8, 16, 64, 8, 2, 1),  # eca_halonext26ts (dim_head 16)
     (8, 14, 14, 8, 24, 72, 7, 2, 1),  # haloregnetz_b (odd block, qk_ratio)
-    (4, 48, 40, 4, 32, 32, 12, 2, 1),  # H4 block 12, non-square
+    (4, 48, 36, 4, 32, 32, 12, 2, 1),  # H4 block 12, non-square
     (4, 28, 28, 4, 32, 32, 14, 2, 2),  # H5 block 14, strided
 ]
 
