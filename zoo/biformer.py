@@ -36,6 +36,7 @@ _int_or_seq_t = Union[int, Sequence[int]]
 # leaves for torch.fx: the routing (top-k, padding) depends on the input, the MLP's training path is
 # an autograd.Function and the norm's eager path a custom op
 register_notrace_module(BiLevelRoutingAttention)
+register_notrace_module(AttentionLePE)
 register_notrace_module(RecomputeMlp)
 register_notrace_module(AddLayerNorm)
 
@@ -98,13 +99,17 @@ class BiFormerBlock(nn.Module):
         if not torch.jit.is_scripting():
             fused_mlp = self.mlp.recomputes()
         if fused_mlp:
-            # training: fc1 fused with norm2, whose output is recomputed in the backward instead of kept
-            x, a = self.norm2.forward_add_linear(x, y, self.mlp.fc1)
-            y = self.mlp.forward_hidden(a)
+            x, y = self._norm2_mlp(x, y)
         else:
             x, h = self.norm2.forward_add(x, y)
             y = self.mlp(h)
         return x + self.drop_path2(y)
+
+    @torch.jit.unused
+    def _norm2_mlp(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # training: fc1 fused with norm2, whose output is recomputed in the backward instead of kept
+        x, a = self.norm2.forward_add_linear(x, y, self.mlp.fc1)
+        return x, self.mlp.forward_hidden(a)
 
 
 class BiFormerStage(nn.Module):
