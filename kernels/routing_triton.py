@@ -63,6 +63,16 @@ def _query_rows(pid_m, N_MT, R, T, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _first_region(pid_m, N_MT, GROUP: tl.constexpr):
+    # the tile's first query region (the one region of an unpacked tile)
+    if GROUP == 1:
+        first = pid_m // N_MT
+    else:
+        first = pid_m * GROUP
+    return first
+
+
+@triton.jit
 def _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
               DENSE: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # the step's key columns: (group inside the tile, key region, key token, valid)
@@ -110,7 +120,7 @@ def _routing_fwd(
     b = tl.program_id(1) // HEADS
     h = tl.program_id(1) % HEADS
     grp_m, region_m, token_m, ok_m = _query_rows(pid_m, N_MT, R, T, GROUP, BLOCK_M)
-    r_first = pid_m * GROUP if GROUP > 1 else pid_m // N_MT
+    r_first = _first_region(pid_m, N_MT, GROUP)
     q = _load_rows(Q, b, region_m, token_m, h, ok_m, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
                    HEAD_DIM, BLOCK_D)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked padding rows stay NaN-free
@@ -164,7 +174,7 @@ def _routing_bwd(
     b = tl.program_id(1) // HEADS
     h = tl.program_id(1) % HEADS
     grp_m, region_m, token_m, ok_m = _query_rows(pid_m, N_MT, R, T, GROUP, BLOCK_M)
-    r_first = pid_m * GROUP if GROUP > 1 else pid_m // N_MT
+    r_first = _first_region(pid_m, N_MT, GROUP)
     q = _load_rows(Q, b, region_m, token_m, h, ok_m, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
                    HEAD_DIM, BLOCK_D)
     do = _load_rows(DO, b, region_m, token_m, h, ok_m, stride_ob, stride_or, stride_ot, stride_oh, stride_od,

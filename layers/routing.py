@@ -9,7 +9,8 @@ multiple of ``n_win`` are zero-padded bottom/right before the projection (``auto
 tokens become bias vectors that count in the region means and are not masked) and cropped after.
 
 The token attention is :func:`foveal.kernels.routed_attention` on region-major views of the one
-projection; TorchScript takes an explicit gather path with the same result.
+projection (torch's SDPA over all tokens when top-k covers every region); TorchScript takes an
+explicit gather path with the same result.
 """
 from typing import Optional
 
@@ -99,6 +100,11 @@ class BiLevelRoutingAttention(nn.Module):
 
     @torch.jit.unused
     def _fused_attn(self, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor]) -> Tensor:
+        if idx is None:  # top-k covers every region: attention over all tokens, torch's SDPA (flash on GPUs)
+            B, R, T, heads, _ = q.shape
+            q, k, v = (t.reshape(B, R * T, heads, t.shape[-1]).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # B, heads, R * T, head_dim_v
+            return out.transpose(1, 2).reshape(B, R, T, heads, out.shape[-1])
         return routed_attention(q, k, v, idx, self.scale, backend=self.backend, check_indices=False)
 
     def _explicit_attn(self, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor]) -> Tensor:
