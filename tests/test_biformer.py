@@ -13,6 +13,7 @@ import foveal
 from foveal.biformer import checkpoint_filter_fn
 from foveal.layers import AttentionLePE, BiLevelRoutingAttention
 from biformer_official import OFFICIAL_VARIANTS, OfficialAttentionLePE, OfficialBiFormer, OfficialBRA, randomize
+from nat_checkpoints import fill_torch_hub_cache
 from test_timm_suite import _results
 from timm_sdist import load_timm_test_models, timm_tests_dir
 
@@ -188,9 +189,9 @@ def test_timm_forward_intermediates_and_prune(timm_tests):
     timm_tests.test_prune_intermediate_layers_contract('test_biformer')
 
 
-def _run_timm_suite(tmp_path, select, timeout):
+def _run_timm_suite(tmp_path, select, timeout, **env_extra):
     tests_dir = timm_tests_dir()
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1', PYTHONDONTWRITEBYTECODE='1')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1', PYTHONDONTWRITEBYTECODE='1', **env_extra)
     env.pop('GITHUB_ACTIONS', None)
     junit = tmp_path / 'junit.xml'
     cmd = [sys.executable, '-m', 'pytest', '-p', 'foveal', str(tests_dir / 'test_models.py'), '-k', select,
@@ -214,11 +215,17 @@ def test_timm_model_suite_test_variant(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get('FOVEAL_TIMM_FAMILY'), reason='about 4 CPU minutes; set FOVEAL_TIMM_FAMILY=1')
 def test_timm_model_suite_family(tmp_path):
-    """The same suite on biformer_tiny / small / base (timm skips its pretrained-loading tests: the
-    release files are not cached here; the filter is tested above on synthetic official checkpoints)."""
-    results, tail = _run_timm_suite(tmp_path, 'biformer_ and not test_biformer', 3600)
+    """The same suite on biformer_tiny / small / base, their pretrained tags loading synthetic release
+    files (official layout, from a torch.hub cache) through the filter."""
+    for name in PARAMS_M:
+        _, checkpoint = _official_state_dict(name)
+        fill_torch_hub_cache(tmp_path / 'torch', timm.get_pretrained_cfg(name).url, checkpoint)
+    results, tail = _run_timm_suite(tmp_path, 'biformer_ and not test_biformer', 3600, TORCH_HOME=str(tmp_path / 'torch'))
+    assert all(o == 'passed' for per_func in results.values() for o in per_func.values()), tail
     for func in ('test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_features',
-                 'test_model_forward_torchscript', 'test_model_forward_fx'):
+                 'test_model_forward_torchscript', 'test_model_forward_fx', 'test_model_load_pretrained',
+                 'test_model_features_pretrained'):
         ran = {m.split('.')[0] for m, o in results.get(func, {}).items() if o == 'passed'}
         assert set(PARAMS_M) <= ran, f'{func}: passed for {sorted(ran)}\n{tail}'
