@@ -225,12 +225,12 @@ def _pow2(n: int, minimum: int = 16) -> int:
 
 def _tiles(T: int, Tk: int, L: int) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, GROUP, num_warps)``. Regions of up to 8 tokens are packed ``GROUP`` to a
-    16-row tile (the smallest tensor-core tile), larger ones take 64-query tiles. Tests replace
-    this function to force other tilings."""
+    16-row tile (the smallest tensor-core tile), larger ones take tiles of up to 64 queries. Tests
+    replace this function to force other tilings."""
     if T <= 8:
         group = 16 // triton.next_power_of_2(T)
         return 16, 64, group, 4
-    return 64, 64, 1, 4
+    return min(64, _pow2(T)), 64, 1, 4
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
