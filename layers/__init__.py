@@ -3,5 +3,6 @@ from .halo import HaloAttention2d
 from .mlp import RecomputeMlp
 from .neighborhood import NeighborhoodAttention2d
 from .norm import AddLayerNorm
+from .routing import AttentionLePE, BiLevelRoutingAttention
 
-__all__ = ["AddLayerNorm", "HaloAttention2d", "NeighborhoodAttention2d", "RecomputeMlp"]
+__all__ = ["AddLayerNorm", "HaloAttention2d", "NeighborhoodAttention2d", "RecomputeMlp", "AttentionLePE", "BiLevelRoutingAttention"]

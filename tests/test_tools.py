@@ -26,7 +26,7 @@ from foveal._checkpoint import UnsafeCheckpointError, foreign_state_dict, load_f
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 SCRIPTS = ("train", "validate", "benchmark", "convert", "push_to_hub", "bench_host", "saved_activations", "bench_norm",
-           "bench_rpb", "profile_model", "bench_halo")
+           "bench_rpb", "profile_model", "bench_halo", "bench_routing")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 sys.path.insert(0, str(TOOLS))
@@ -365,3 +365,42 @@ def test_halonet_paper_recipes_train_a_step(image_folder, tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(_rows(out / "h")[0]["step"] == 1 for out in outs)
+
+
+def test_bench_routing_peers_agree_on_cpu():
+    """The op benchmark's peers (a), (b), (d) and foveal compute the same attention on the same data."""
+    import bench_routing
+    torch.manual_seed(0)
+    B, R, T, heads, D, topk = 2, 4, 4, 2, 8, 2
+    methods = bench_routing._methods(B, R, T, heads, D, topk, 0.25, [], device="cpu")
+    q, k, v, idx = methods["foveal"][0]()
+    ours = methods["foveal"][1](q, k, v, idx).float()  # B, R, T, heads, D
+    C = heads * D
+    kv = torch.cat([k.reshape(B, R, T, C), v.reshape(B, R, T, C)], -1)
+    for label in ("(a) gather", "(b) gather+SDPA"):
+        out = methods[label][1](q.reshape(B, R, T, C), kv, idx).float()  # B * R, heads, T, D
+        torch.testing.assert_close(out.reshape(B, R, heads, T, D).transpose(2, 3), ours, rtol=2e-2, atol=2e-2)
+    dense = methods["(d) dense SDPA"][1](*(t.reshape(B, R * T, heads, D).transpose(1, 2) for t in (q, k, v)))
+    full = bench_routing.routed_attention(q, k, v, None, 0.25).float()
+    torch.testing.assert_close(dense.float().transpose(1, 2).reshape(full.shape), full, rtol=2e-2, atol=2e-2)
+
+
+def test_biformer_recipes_train_a_step(image_folder, tmp_path):
+    """One optimizer step of each BiFormer recipe on the CI-sized member of the family."""
+    recipes = sorted((ROOT / "configs" / "classification").glob("biformer_*_in1k.yaml"))
+    assert [r.stem for r in recipes] == ["biformer_base_in1k", "biformer_small_in1k", "biformer_tiny_in1k"]
+    for recipe in recipes:
+        assert train_tool.parse_args(["--config", str(recipe)]).model == recipe.stem[:-len("_in1k")]
+    script = (
+        "import sys, train\n"
+        "for recipe, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        f"    train.main(['--config', recipe, '--model', 'test_biformer', '--img-size', '64', '--dataset',"
+        f" {str(image_folder)!r}, '--val-split', 'val', '--train-limit', '2', '--val-limit', '2', '--batch-size', '2',"
+        " '--epochs', '1', '--workers', '0', '--aug-repeats', '0', '--output', out, '--experiment', 'b',"
+        " '--progress', 'off'])\n"
+    )
+    outs = [tmp_path / r.stem for r in recipes]
+    proc = subprocess.run([sys.executable, "-c", script, *[str(x) for pair in zip(recipes, outs) for x in pair]],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(_rows(out / "b")[0]["step"] == 1 for out in outs)

@@ -1,6 +1,7 @@
 """foveal: local- and sparse-attention vision backbones; importing it registers them in timm."""
 from . import kernels, layers
 from . import halonet  # noqa: F401  (registers the H family)
+from .biformer import BiFormer
 from .accelerate import accelerate
 from .nat import NAT, NATIsotropic
 

@@ -1,0 +1,306 @@
+"""Fused Triton routed block-sparse attention (BiFormer's BRA core, SPEC section 3): forward and backward.
+
+Algorithm. The key sequence of query region ``r`` is the ``L = topk * T_k`` tokens of its routed
+regions, position ``n`` being token ``n % T_k`` of region ``indices[b, r, n // T_k]`` (region
+``n // T_k`` itself on the dense path, ``L = R * T_k``). Programs read those tokens straight from
+the region-major key / value tensors through the index: no gathered copy of the routed regions
+exists anywhere (the gather is the memory and backward bottleneck of the official code).
+
+One program owns one (batch, head) and either ``BLOCK_M`` queries of one region (large regions,
+several programs per region) or ``GROUP`` whole regions packed into one tile (small regions: 4 or
+16 tokens would leave most of a tensor-core tile idle). A packed tile walks the ``GROUP`` key
+sequences side by side: each step loads ``BLOCK_N / GROUP`` positions of every region's sequence,
+and the logits between a query and the keys of another region of the tile are masked
+(block-diagonal). Online softmax in base 2; the log-sum-exp is saved.
+
+Backward, flash-attention style, ``delta = rowsum(dO * O) - dLSE`` precomputed: one kernel with the
+forward's programs recomputes ``P`` from the log-sum-exp and accumulates ``dQ`` in registers; ``dK``
+and ``dV`` of each step are added onto float32 buffers with atomics, because a key region is routed
+to by a data-dependent set of query regions (no static reverse map to walk).
+
+Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use tf32 when
+``torch.backends.cuda.matmul.allow_tf32`` is set and exact fp32 products otherwise. Head dims (q/k
+and v separately) are padded to a power of two (at least 16) and masked. With ``TRITON_INTERPRET=1``
+set before triton is imported, the kernels run in Triton's interpreter on CPU tensors.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .backends import triton_device_reason
+from .launch import Launcher, aligned, interpreting, on_device
+from .neighborhood_reference import lse_dtype
+
+__all__ = ["routing_triton_probe", "routing_triton_fwd", "routing_triton_bwd", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return interpreting(_routing_fwd)
+
+
+# -- device helpers -------------------------------------------------------------------------------
+
+@triton.jit
+def _query_rows(pid_m, N_MT, R, T, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    # the tile's rows: (group of each row inside the tile, region, token, valid)
+    offs_m = tl.arange(0, BLOCK_M)
+    if GROUP == 1:
+        region = pid_m // N_MT + offs_m * 0
+        token = (pid_m % N_MT) * BLOCK_M + offs_m
+        grp = offs_m * 0
+        ok = token < T
+    else:
+        grp = offs_m // T
+        region = pid_m * GROUP + grp
+        token = offs_m % T
+        ok = (grp < GROUP) & (region < R)
+    return grp, region, token, ok
+
+
+@triton.jit
+def _first_region(pid_m, N_MT, GROUP: tl.constexpr):
+    # the tile's first query region (the one region of an unpacked tile)
+    if GROUP == 1:
+        first = pid_m // N_MT
+    else:
+        first = pid_m * GROUP
+    return first
+
+
+@triton.jit
+def _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
+              DENSE: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the step's key columns: (group inside the tile, key region, key token, valid)
+    offs_n = tl.arange(0, BLOCK_N)
+    if GROUP == 1:
+        grp = offs_n * 0
+        pos = n0 + offs_n
+    else:
+        grp = offs_n // (BLOCK_N // GROUP)
+        pos = n0 + offs_n % (BLOCK_N // GROUP)
+    q_region = r_first + grp
+    ok = (pos < L) & (q_region < R)
+    if DENSE:
+        region = pos // TK
+    else:
+        region = tl.load(IDX + b * stride_ib + q_region * stride_ir + (pos // TK) * stride_ik, mask=ok, other=0)
+    return grp, region, pos % TK, ok
+
+
+@triton.jit
+def _load_rows(ptr, b, region, token, h, ok, stride_b, stride_r, stride_t, stride_h, stride_d,
+               DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    row = b.to(tl.int64) * stride_b + region.to(tl.int64) * stride_r + token * stride_t + h * stride_h
+    mask = ok[:, None] & (offs_d[None, :] < DIM)
+    return tl.load(ptr + row[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+# -- forward --------------------------------------------------------------------------------------
+
+@triton.jit
+def _routing_fwd(
+    Q, K, V, IDX, O, LSE,  #
+    stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
+    stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
+    stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
+    stride_ob, stride_or, stride_ot, stride_oh, stride_od,  #
+    stride_ib, stride_ir, stride_ik,  #
+    HEADS, R, T, TK, L, N_MT, qk_scale,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, DENSE: tl.constexpr,  #
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    grp_m, region_m, token_m, ok_m = _query_rows(pid_m, N_MT, R, T, GROUP, BLOCK_M)
+    r_first = _first_region(pid_m, N_MT, GROUP)
+    q = _load_rows(Q, b, region_m, token_m, h, ok_m, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                   HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked padding rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    step = BLOCK_N // GROUP
+    for n0 in range(0, L, step):
+        grp_n, region_n, token_n, ok_n = _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
+                                                   DENSE, GROUP, BLOCK_N)
+        k = _load_rows(K, b, region_n, token_n, h, ok_n, stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,
+                       HEAD_DIM, BLOCK_D)
+        v = _load_rows(V, b, region_n, token_n, h, ok_n, stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,
+                       HEAD_DIM_V, BLOCK_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        valid = ok_n[None, :] & (grp_m[:, None] == grp_n[None, :])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_o = b.to(tl.int64) * stride_ob + region_m.to(tl.int64) * stride_or + token_m * stride_ot + h * stride_oh
+    tl.store(O + row_o[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=ok_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    # lse is contiguous [B, R, T, heads]; m_i is in base 2 (qk_scale carries log2 e)
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    tl.store(LSE + ((b.to(tl.int64) * R + region_m) * T + token_m) * HEADS + h, lse, mask=ok_m)
+
+
+# -- backward -------------------------------------------------------------------------------------
+
+@triton.jit
+def _routing_bwd(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,  #
+    stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
+    stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
+    stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
+    stride_ob, stride_or, stride_ot, stride_oh, stride_od,  #
+    stride_dqb, stride_dqr, stride_dqt, stride_dqh, stride_dqd,  #
+    stride_ib, stride_ir, stride_ik,  #
+    HEADS, R, T, TK, L, N_MT, sm_scale, qk_scale,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, DENSE: tl.constexpr,  #
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    grp_m, region_m, token_m, ok_m = _query_rows(pid_m, N_MT, R, T, GROUP, BLOCK_M)
+    r_first = _first_region(pid_m, N_MT, GROUP)
+    q = _load_rows(Q, b, region_m, token_m, h, ok_m, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                   HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO, b, region_m, token_m, h, ok_m, stride_ob, stride_or, stride_ot, stride_oh, stride_od,
+                    HEAD_DIM_V, BLOCK_DV)
+    row_l = ((b.to(tl.int64) * R + region_m) * T + token_m) * HEADS + h
+    lse = tl.load(LSE + row_l, mask=ok_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_l, mask=ok_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    step = BLOCK_N // GROUP
+    for n0 in range(0, L, step):
+        grp_n, region_n, token_n, ok_n = _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
+                                                   DENSE, GROUP, BLOCK_N)
+        k = _load_rows(K, b, region_n, token_n, h, ok_n, stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,
+                       HEAD_DIM, BLOCK_D)
+        v = _load_rows(V, b, region_n, token_n, h, ok_n, stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,
+                       HEAD_DIM_V, BLOCK_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        valid = ok_m[:, None] & ok_n[None, :] & (grp_m[:, None] == grp_n[None, :])
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        # dK / dV (contiguous float32 [B, R, T_k, heads, D]): routed regions are shared, hence atomics
+        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * sm_scale
+        row_k = (((b.to(tl.int64) * R + region_n) * TK + token_n) * HEADS + h)
+        tl.atomic_add(DV + row_k[:, None] * HEAD_DIM_V + offs_dv[None, :], dv_part,
+                      mask=ok_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+        tl.atomic_add(DK + row_k[:, None] * HEAD_DIM + offs_d[None, :], dk_part,
+                      mask=ok_n[:, None] & (offs_d[None, :] < HEAD_DIM))
+    row_q = b.to(tl.int64) * stride_dqb + region_m.to(tl.int64) * stride_dqr + token_m * stride_dqt + h * stride_dqh
+    tl.store(DQ + row_q[:, None] + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=ok_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# -- host side ------------------------------------------------------------------------------------
+
+_FWD = Launcher(_routing_fwd)
+_BWD = Launcher(_routing_bwd)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _tiles(T: int, Tk: int, L: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, GROUP, num_warps)``. Regions of up to 8 tokens are packed ``GROUP`` to a
+    16-row tile (the smallest tensor-core tile), larger ones take tiles of up to 64 queries. Tests
+    replace this function to force other tilings."""
+    if T <= 8:
+        group = 16 // triton.next_power_of_2(T)
+        return 16, 64, group, 4
+    return min(64, _pow2(T)), 64, 1, 4
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def routing_triton_probe(q, k, v, indices) -> Optional[str]:
+    """None when the Triton backend can run the call, otherwise the reason it cannot."""
+    reason = triton_device_reason(q, _interpreting())
+    if reason is not None:
+        return reason
+    if q.dtype not in _DTYPES:
+        return f"supports float16, bfloat16 and float32, got dtype={q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim must be <= {MAX_HEAD_DIM}, got q.shape[-1]={q.shape[-1]}, v.shape[-1]={v.shape[-1]}"
+    return None
+
+
+def _plan(q, k, v, indices):
+    B, R, T, heads, D = q.shape
+    Tk = k.shape[2]
+    dense = indices is None
+    L = (R if dense else indices.shape[-1]) * Tk
+    block_m, block_n, group, warps = _tiles(T, Tk, L)
+    if group > 1:
+        n_mt, n_prog = 1, triton.cdiv(R, group)
+        block_m = _pow2(group * T, block_m)
+    else:
+        n_mt = triton.cdiv(T, block_m)
+        n_prog = R * n_mt
+    idx = q.new_zeros(1, 1, 1, dtype=torch.int32) if dense else indices
+    consts = (D, v.shape[-1], _pow2(D), _pow2(v.shape[-1]), block_m, block_n, group, dense,
+              _dot_precision(q.dtype))
+    return B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps
+
+
+def _key(kind, *tensors, extra=()):
+    return (kind,) + tuple((t.dtype, t.shape, t.stride()) for t in tensors) + (aligned(*tensors),) + tuple(extra)
+
+
+def routing_triton_fwd(q, k, v, indices, scale: float):
+    """``(out, lse)``; see ``foveal::routed_attention_fwd``."""
+    B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps = _plan(q, k, v, indices)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+    args = (q, k, v, idx, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
+            heads, R, T, Tk, L, n_mt, scale * _LOG2E, *consts)
+    with on_device(q.device):
+        _FWD((n_prog, B * heads), args, _key("fwd", q, k, v, idx, out, extra=(heads, R, T, Tk, L) + consts),
+             num_warps=warps, num_stages=2)
+    return out, lse
+
+
+def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: float):
+    """``(dq, dk, dv)``; see ``foveal::routed_attention_bwd``."""
+    B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps = _plan(q, k, v, indices)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    args = (q, k, v, idx, grad_out, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+            *grad_out.stride(), *dq.stride(), *idx.stride(), heads, R, T, Tk, L, n_mt, scale, scale * _LOG2E, *consts)
+    with on_device(q.device):
+        _BWD((n_prog, B * heads), args,
+             _key("bwd", q, k, v, idx, grad_out, dq, lse, delta, extra=(heads, R, T, Tk, L) + consts),
+             num_warps=warps, num_stages=2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,163 @@
+"""The Triton routed-attention backend against the reference and the brute-force gather oracle.
+
+CPU tests run the kernels through Triton's interpreter at tiny shapes, with the default tiling and
+with forced tilings (several query tiles per region, several regions packed per tile). Triton fixes
+interpreter mode when it is first imported, so in an ordinary run ``test_interpreter_suite`` runs
+them in a subprocess with ``TRITON_INTERPRET=1``. GPU tests (``pytest -m gpu
+tests/test_routing_triton.py``) run the compiled kernels at BiFormer's real sizes in every dtype.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import foveal.kernels.routing_triton as rt  # noqa: E402
+from foveal.kernels import ROUTING_BACKENDS, routed_attention  # noqa: E402
+from routing_oracle import oracle  # noqa: E402
+from test_routing import case_id, check_against_oracle, random_cases  # noqa: E402
+
+INTERPRETED = rt._interpreting()
+interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 in test_interpreter_suite")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"interpreter tests failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_probe_declines_cpu_without_interpreter(monkeypatch):
+    if INTERPRETED:
+        pytest.skip("the interpreter accepts CPU tensors")
+    x = torch.randn(1, 4, 2, 2, 16)
+    idx = torch.zeros(1, 4, 2, dtype=torch.long)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in rt.routing_triton_probe(x, x, x, idx)
+    assert ROUTING_BACKENDS.choose("auto", x, x, x, idx) == "reference"
+    with pytest.raises(NotImplementedError, match="backend 'triton'"):
+        routed_attention(x, x, x, idx, backend="triton")
+
+
+@interpreter
+@pytest.mark.parametrize("case", random_cases(6, seed=7), ids=case_id)
+def test_triton_matches_oracle_fp32(case):
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+
+
+@interpreter
+@pytest.mark.parametrize("tiles", [(16, 16, 1, 4), (16, 32, 4, 4), (16, 64, 2, 4)], ids=str)
+@pytest.mark.parametrize("case", random_cases(3, seed=9), ids=case_id)
+def test_triton_forced_tiles(case, tiles, monkeypatch):
+    if tiles[2] > 1 and case["T"] * tiles[2] > 64:
+        pytest.skip("packed tiles hold small regions only")
+    monkeypatch.setattr(rt, "_tiles", lambda T, Tk, L: tiles)
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+
+
+# bfloat16 runs on the GPU only: the interpreter's emulated bfloat16 products are not a reference
+@interpreter
+def test_triton_fp16_and_large_region(monkeypatch):
+    """A region larger than one query tile (three programs per region), fp16 operands."""
+    monkeypatch.setattr(rt, "_tiles", lambda T, Tk, L: (16, 32, 1, 4))
+    case = dict(B=1, R=4, T=40, Tk=40, heads=1, D=8, Dv=16, topk=2, dense=False)
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+    check_against_oracle(case, "triton", torch.float16, 2e-2)
+
+
+@interpreter
+def test_triton_strided_views_int32_dense():
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 4, 3, 2, 4 + 4 + 6, generator=g)
+    q, k, v = qkv.split([4, 4, 6], -1)
+    idx = torch.randint(0, 4, (2, 4, 3), generator=g)
+    torch.testing.assert_close(routed_attention(q, k, v, idx.int(), backend="triton"),
+                               oracle(q, k, v, idx)[0].float(), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(routed_attention(q, k, v, None, backend="triton"),
+                               oracle(q, k, v, None)[0].float(), rtol=2e-4, atol=2e-4)
+    leaves = [qkv.clone().requires_grad_() for _ in range(2)]
+    grads = []
+    for leaf, backend in zip(leaves, ("triton", "reference")):
+        q, k, v = leaf.split([4, 4, 6], -1)
+        out = routed_attention(q, k, v, idx, backend=backend)
+        go = torch.ones(()).expand(out.shape)  # an expanded (stride 0) gradient, as .sum() gives
+        grads.append(torch.autograd.grad(out, leaf, go)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-4, atol=2e-4)
+
+
+@interpreter
+def test_triton_model_matches_reference_backend(monkeypatch):
+    import timm
+    import foveal  # noqa: F401
+    torch.manual_seed(0)
+    model = timm.create_model("test_biformer")
+    x = torch.randn(2, 3, 64, 64)
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("FOVEAL_BACKEND", backend)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(model.stages[0].blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3)
+
+
+# -- GPU: BiFormer's real sizes ------------------------------------------------------------------
+
+GPU_SHAPES = {  # (B, R, T, heads, D, topk): BiFormer-S stages 1-3 at 224, and COCO-size stage 1 / 3
+    "s1-224": (8, 49, 64, 2, 32, 1),
+    "s2-224": (8, 49, 16, 4, 32, 4),
+    "s3-224": (8, 49, 4, 8, 32, 16),
+    "s1-coco": (1, 256, 273, 2, 32, 1),
+    "s3-coco": (1, 256, 24, 8, 32, 16),
+    "dense-224": (8, 49, 4, 8, 32, 49),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", sorted(GPU_SHAPES))
+def test_gpu_matches_reference(name, dtype):
+    B, R, T, heads, D, topk = GPU_SHAPES[name]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, R, T, heads, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    idx = None if topk == R else torch.rand(B, R, R, device="cuda").topk(topk, -1).indices
+    scale = (heads * D) ** -0.5
+    out, lse = routed_attention(q, k, v, idx, scale, return_lse=True, backend="triton")
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad((out * go).sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = routed_attention(*leaves, idx, scale, return_lse=True, backend="reference")
+    ref_grads = torch.autograd.grad((ref * go.double()).sum(), leaves)
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, rtol=tol, atol=tol * max(1.0, rg.abs().max().item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_model_matches_reference_backend():
+    import timm
+    import foveal  # noqa: F401
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_small").cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+        os.environ["FOVEAL_BACKEND"] = "reference"
+        try:
+            ref = model(x)
+        finally:
+            del os.environ["FOVEAL_BACKEND"]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=5e-2, atol=5e-2)
