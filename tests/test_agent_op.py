@@ -224,3 +224,72 @@ def test_checks():
     with pytest.raises(ValueError, match="unknown backend"):
         agent_attention(q, k, v, a, backend="nope")
     assert AGENT_BACKENDS.names()[-1] == "reference"
+
+
+# -- Triton backend under the interpreter ---------------------------------------------------------------
+
+@pytest.mark.skipif(INTERPRETED or at is None, reason="already running under the interpreter (or no triton)")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"interpreter tests failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@not_interpreted
+def test_probe_declines_cpu_without_interpreter(monkeypatch):
+    if at is None:
+        pytest.skip("no triton")
+    q, k, v, a, bak, bqa = _problem(1, 4, 2, 1, 16, 16, dtype=torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in at.agent_triton_probe(q, k, v, a, bak, bqa)
+    assert AGENT_BACKENDS.choose("auto", q, k, v, a, bak, bqa) == "reference"
+    with pytest.raises(NotImplementedError, match="backend 'triton'"):
+        agent_attention(q, k, v, a, bak, bqa, backend="triton")
+
+
+@interpreter
+@pytest.mark.parametrize("case", random_cases(4, seed=11, max_tokens=150), ids=case_id)
+def test_triton_matches_oracle_fp32(case):
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+
+
+# (tiles, programs wanted): several token tiles per run, split stage-1 softmax, batch groups
+@interpreter
+@pytest.mark.parametrize("tiles,wanted", [((16, 16, 4), 64), ((32, 16, 4), 3), ((16, 32, 4), 1000)], ids=str)
+@pytest.mark.parametrize("case", [dict(B=2, N=70, n=9, heads=2, D=16, Dv=8, biases=(True, True)),
+                                  dict(B=9, N=21, n=4, heads=1, D=8, Dv=16, biases=(True, True)),
+                                  dict(B=8, N=40, n=19, heads=2, D=16, Dv=16, biases=(False, True))], ids=case_id)
+def test_triton_forced_plans(case, tiles, wanted, monkeypatch):
+    monkeypatch.setattr(at, "_tiles", lambda block_a, block_d: tiles)
+    monkeypatch.setattr(at, "_programs_wanted", lambda device: wanted)
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+
+
+# bfloat16 runs on the GPU only: the interpreter's emulated bfloat16 products are not a reference
+@interpreter
+def test_triton_many_agents_fp16():
+    """200 agents (a 256-wide agent tile), fp16 operands, float32 biases."""
+    case = dict(B=1, N=24, n=200, heads=1, D=16, Dv=16, biases=(True, True))
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+    check_against_oracle(case, "triton", torch.float16, 2e-2, bias_dtype=torch.float32)
+
+
+@interpreter
+def test_triton_strided_views():
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 20, 3, 2, 16, generator=g)
+    q, k, v = qkv.unbind(2)
+    agents = torch.randn(2, 2, 5, 16, generator=g).transpose(1, 2)
+    bak = torch.randn(2, 20, 5, generator=g).transpose(1, 2)  # a [heads, n, N] view of another layout
+    bqa = torch.randn(5, 20, 2, generator=g).permute(2, 1, 0)
+    leaves = [qkv.clone().requires_grad_() for _ in range(2)]
+    outs, grads = [], []
+    for leaf, backend in zip(leaves, ("triton", "reference")):
+        q, k, v = leaf.unbind(2)
+        out = agent_attention(q, k, v, agents, bak, bqa, backend=backend)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, leaf, torch.ones(()).expand(out.shape))[0])  # stride-0 gradient
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-4, atol=2e-4)
