@@ -2,6 +2,7 @@
 from . import kernels, layers
 from . import halonet  # noqa: F401  (registers the H family)
 from .biformer import BiFormer
+from .agent_cswin import AgentCSWin
 from .accelerate import accelerate
 from .nat import NAT, NATIsotropic
 
