@@ -21,7 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .agent_reference import agent_reference_bwd, agent_reference_fwd
 from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .checks import check_scale_arg, check_tensors
-from .dispatch import CheckCache, eager_ok, env
+from .dispatch import CheckCache, custom_op, eager_ok, env
 from .neighborhood_reference import lse_dtype
 
 __all__ = ["agent_attention", "AGENT_BACKENDS"]
@@ -49,7 +49,7 @@ else:
 # -- custom ops -----------------------------------------------------------------------------------
 # Custom ops return no None: an empty tensor stands for the gradient of an absent (or frozen) bias.
 
-@torch.library.custom_op("foveal::agent_attention_fwd", mutates_args=())
+@custom_op("foveal::agent_attention_fwd")
 def _agent_fwd(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, bias_ak: Optional[Tensor],
                bias_qa: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return AGENT_BACKENDS[backend].fwd(q, k, v, agents, bias_ak, bias_qa, scale)
@@ -63,7 +63,7 @@ def _agent_fwd_fake(q, k, v, agents, bias_ak, bias_qa, scale, backend):
             q.new_empty(B, heads, N, dtype=ld))
 
 
-@torch.library.custom_op("foveal::agent_attention_bwd", mutates_args=())
+@custom_op("foveal::agent_attention_bwd")
 def _agent_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, agents: Tensor, bias_ak: Optional[Tensor],
                bias_qa: Optional[Tensor], va: Tensor, lse_agent: Tensor, lse_query: Tensor, scale: float,
                grad_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -102,7 +102,7 @@ def _backward(ctx, grad_out, *unused):
             dbqa if grad_bias and bias_qa is not None else None, None, None)
 
 
-_agent_fwd.register_autograd(_backward, setup_context=_setup_context)
+_agent_fwd.register_autograd(_backward, _setup_context)
 
 
 class _EagerAgent(torch.autograd.Function):

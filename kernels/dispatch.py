@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["CheckCache", "eager_ok", "env"]
+__all__ = ["CheckCache", "LeanOp", "custom_op", "eager_ok", "env"]
 
 # nn.Parameter is a plain tensor to the dispatcher: it disables torch_function
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -64,3 +64,105 @@ class CheckCache:
         if len(self._entries) > self.limit:
             self._entries.clear()
         self._entries[key] = value
+
+
+# -- lean custom ops ------------------------------------------------------------------------------
+# ``torch.library.custom_op`` dispatches a call through two Python layers: an autograd kernel that
+# re-enters the C++ dispatcher below autograd, then a per-device wrapper around the function. A
+# compiled graph calls each op with grad disabled, so every call pays both (tens of microseconds, as
+# much as a small kernel). :func:`custom_op` defines the same operator (schema inferred from the
+# annotations, fake implementation, autograd formula, FLOP formulas and opcheck work as before) with
+# one Python autograd kernel that calls the function directly when there is nothing to
+# differentiate and the tensors are plain, and otherwise redispatches below autograd.
+
+_LIBS: dict = {}
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_DIRECT_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))
+
+
+def _direct(keyset) -> bool:
+    """True when an operator call reaching its autograd kernel with ``keyset`` may run the function
+    itself: plain CPU or CUDA tensors below autograd (no Python key of a mode or subclass, no meta or
+    functionalization), no jit tracing and no functorch transform."""
+    return ((keyset & _AFTER_AUTOGRAD).highestPriorityTypeId() in _DIRECT_KEYS and not torch._C._is_tracing()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _library(namespace: str) -> torch.library.Library:
+    lib = _LIBS.get(namespace)
+    if lib is None:
+        lib = _LIBS[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    return lib
+
+
+class LeanOp:
+    """A custom operator defined by :func:`custom_op`; calling it calls the operator."""
+
+    def __init__(self, qualname: str, fn, mutates_args=()):
+        namespace, name = qualname.split("::")
+        self.qualname = qualname
+        self._fn = fn
+        self._lib = _library(namespace)
+        self._lib.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        self._lib.impl(name, fn, "CompositeExplicitAutograd")
+        self.op = getattr(getattr(torch.ops, namespace), name).default
+        self._backward = self._setup_context = None
+        self._tensor_args = None
+        self._lib.impl(name, self._autograd_kernel, "Autograd", with_keyset=True)
+        self.__doc__ = fn.__doc__
+        self.__name__ = name
+
+    def __call__(self, *args):
+        return self.op(*args)
+
+    def register_fake(self, fake):
+        torch.library.register_fake(self.qualname, fake, lib=self._lib)
+        return fake
+
+    def register_autograd(self, backward, setup_context) -> None:
+        self._backward, self._setup_context = backward, setup_context
+
+    def _autograd_kernel(self, keyset, *args):
+        if torch.is_grad_enabled() and self._backward is not None:
+            for a in args:
+                if isinstance(a, Tensor) and a.requires_grad:
+                    return _LeanFunction.apply(self, keyset, *args)
+        if _direct(keyset):
+            with torch._C._AutoDispatchBelowAutograd():
+                return self._fn(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+
+
+class _LeanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lean: LeanOp, keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            if _direct(keyset):
+                out = lean._fn(*args)
+            else:
+                out = lean.op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+        lean._setup_context(ctx, args, out)
+        ctx._lean = lean
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[2:]  # the backward formula sees the operator's own inputs
+        try:
+            grads = ctx._lean._backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (None, None) + (tuple(grads) if isinstance(grads, tuple) else (grads,))
+
+
+def custom_op(qualname: str, *, mutates_args=()):
+    """Decorator like ``torch.library.custom_op`` (functional ops only) that returns a :class:`LeanOp`."""
+    if mutates_args:
+        raise ValueError("foveal custom ops are functional: mutates_args must be empty")
+
+    def wrap(fn) -> LeanOp:
+        return LeanOp(qualname, fn)
+
+    return wrap

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .checks import check_scale_arg, check_tensors
-from .dispatch import CheckCache, eager_ok, env
+from .dispatch import CheckCache, custom_op, eager_ok, env
 from .halo_reference import halo_reference_bwd, halo_reference_fwd
 from .neighborhood_reference import lse_dtype
 
@@ -48,7 +48,7 @@ else:
 # -- custom ops -----------------------------------------------------------------------------------
 # Custom ops return no None: an empty tensor stands for the gradient of an absent rel table.
 
-@torch.library.custom_op("foveal::halo_fwd", mutates_args=())
+@custom_op("foveal::halo_fwd")
 def _halo_fwd(
     q: Tensor,
     k: Tensor,
@@ -70,7 +70,7 @@ def _halo_fwd_fake(q, k, v, rel_h, rel_w, block_size, halo_size, stride, scale, 
     return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("foveal::halo_bwd", mutates_args=())
+@custom_op("foveal::halo_bwd")
 def _halo_bwd(
     grad_out: Tensor,
     q: Tensor,
@@ -116,7 +116,7 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, drh if has_rel else None, drw if has_rel else None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("foveal::halo_fwd", _backward, setup_context=_setup_context)
+_halo_fwd.register_autograd(_backward, _setup_context)
 
 
 class _EagerHalo(torch.autograd.Function):

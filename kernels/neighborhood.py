@@ -18,7 +18,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .checks import check_axis_arg, check_bool_axis_arg, check_scale_arg, check_tensors
-from .dispatch import eager_ok as _eager_ok, env
+from .dispatch import custom_op, eager_ok as _eager_ok, env
 from .neighborhood_reference import lse_dtype, na_reference_bwd, na_reference_fwd
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "NA_BACKENDS"]
@@ -46,7 +46,7 @@ else:
 
 # -- custom ops -----------------------------------------------------------------------------------
 
-@torch.library.custom_op("foveal::na_fwd", mutates_args=())
+@custom_op("foveal::na_fwd")
 def _na_fwd(
     q: Tensor,
     k: Tensor,
@@ -69,7 +69,7 @@ def _na_fwd_fake(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, 
     return out, lse
 
 
-@torch.library.custom_op("foveal::na_bwd", mutates_args=())
+@custom_op("foveal::na_bwd")
 def _na_bwd(
     grad_out: Tensor,
     q: Tensor,
@@ -112,7 +112,7 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None, None, None
 
 
-torch.library.register_autograd("foveal::na_fwd", _backward, setup_context=_setup_context)
+_na_fwd.register_autograd(_backward, _setup_context)
 
 
 class _EagerNA(torch.autograd.Function):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
-from .dispatch import eager_ok, env
+from .dispatch import custom_op, eager_ok, env
 
 __all__ = ["add_layer_norm", "add_layer_norm_linear", "NORM_BACKENDS", "linear_input_dtype"]
 
@@ -95,7 +95,7 @@ else:
 # and no alias of an input: an empty tensor stands for "absent" (s without a residual, dres,
 # dweight / dbias without weight / bias). The backends' launchers return None instead.
 
-@torch.library.custom_op("foveal::add_layer_norm_fwd", mutates_args=())
+@custom_op("foveal::add_layer_norm_fwd")
 def _add_layer_norm_fwd(
     x: Tensor,
     residual: Optional[Tensor],
@@ -121,7 +121,7 @@ def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps, out_dtype, backend)
     return h, s, mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("foveal::add_layer_norm_bwd", mutates_args=())
+@custom_op("foveal::add_layer_norm_bwd")
 def _add_layer_norm_bwd(
     grad_h: Tensor,
     grad_s: Optional[Tensor],
@@ -174,7 +174,7 @@ def _backward(ctx, grad_h, grad_s, grad_mean, grad_rstd):
     return _input_grads(*grads, has_res, dres_dtype is not None, weight is not None, bias_dtype is not None)
 
 
-torch.library.register_autograd("foveal::add_layer_norm_fwd", _backward, setup_context=_setup_context)
+_add_layer_norm_fwd.register_autograd(_backward, _setup_context)
 
 
 class _EagerAddLayerNorm(torch.autograd.Function):

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .backends import BACKEND_ENV, Backend, BackendRegistry
 from .checks import check_scale_arg, check_tensors
-from .dispatch import CheckCache, eager_ok, env
+from .dispatch import CheckCache, custom_op, eager_ok, env
 from .neighborhood_reference import lse_dtype
 from .routing_reference import routing_reference_bwd, routing_reference_fwd
 
@@ -50,7 +50,7 @@ else:
 
 # -- custom ops -----------------------------------------------------------------------------------
 
-@torch.library.custom_op("foveal::routed_attention_fwd", mutates_args=())
+@custom_op("foveal::routed_attention_fwd")
 def _routing_fwd(q: Tensor, k: Tensor, v: Tensor, indices: Optional[Tensor], scale: float,
                  backend: str) -> tuple[Tensor, Tensor]:
     return ROUTING_BACKENDS[backend].fwd(q, k, v, indices, scale)
@@ -61,7 +61,7 @@ def _routing_fwd_fake(q, k, v, indices, scale, backend):
     return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("foveal::routed_attention_bwd", mutates_args=())
+@custom_op("foveal::routed_attention_bwd")
 def _routing_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Optional[Tensor], out: Tensor,
                  lse: Tensor, grad_lse: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return ROUTING_BACKENDS[backend].bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale)
@@ -85,7 +85,7 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None
 
 
-torch.library.register_autograd("foveal::routed_attention_fwd", _backward, setup_context=_setup_context)
+_routing_fwd.register_autograd(_backward, _setup_context)
 
 
 class _EagerRouting(torch.autograd.Function):
