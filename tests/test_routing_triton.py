@@ -148,16 +148,30 @@ def test_gpu_matches_reference(name, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_model_matches_reference_backend():
+    """The whole model on both backends. In fp32 the logits agree closely. Under bf16 autocast the
+    op's rounding differs between backends, and over 26 routed layers a near-tie in a region's
+    top-k can flip, so a few logits move by more than bf16 noise: there the bound is on the
+    relative error of the whole logit tensor and on the fraction of outliers."""
     import timm
     import foveal  # noqa: F401
     torch.manual_seed(0)
     model = timm.create_model("biformer_small").cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(x)
-        os.environ["FOVEAL_BACKEND"] = "reference"
-        try:
-            ref = model(x)
-        finally:
-            del os.environ["FOVEAL_BACKEND"]
-    torch.testing.assert_close(out.float(), ref.float(), rtol=5e-2, atol=5e-2)
+
+    def both(autocast):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x).float()
+            os.environ["FOVEAL_BACKEND"] = "reference"
+            try:
+                ref = model(x).float()
+            finally:
+                del os.environ["FOVEAL_BACKEND"]
+        return out, ref
+
+    out, ref = both(False)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    out, ref = both(True)
+    err = (out - ref).abs()
+    assert err.norm() / ref.norm() < 2e-2
+    assert (err > 5e-2 + 5e-2 * ref.abs()).float().mean() < 2e-3
+    assert out.argmax(-1).eq(ref.argmax(-1)).all()
