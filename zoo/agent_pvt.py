@@ -494,6 +494,8 @@ default_cfgs = generate_default_cfgs({
     'agent_pvt_small.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1'),
     'agent_pvt_medium.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/?dl=1'),
     'agent_pvt_large.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1'),
+    'agent_pvt_medium_256.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/654df734121643b19c52/?dl=1',
+                                      input_size=(3, 256, 256), pool_size=(8, 8)),
     'test_agent_pvt': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), label_names=None, license='apache-2.0',
                            paper_ids=None, origin_url=None),
 })
@@ -527,6 +529,13 @@ def agent_pvt_large(pretrained=False, **kwargs) -> AgentPVT:
     """Agent-PVT-L @ 224, trained on ImageNet-1k."""
     model_args = dict(_PVT_ARGS, depths=(3, 8, 27, 3))
     return _create_agent_pvt('agent_pvt_large', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_medium_256(pretrained=False, **kwargs) -> AgentPVT:
+    """Agent-PVT-M @ 256, trained on ImageNet-1k."""
+    model_args = dict(_PVT_ARGS, img_size=256, depths=(3, 4, 18, 3))
+    return _create_agent_pvt('agent_pvt_medium_256', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -624,6 +624,11 @@ default_cfgs = generate_default_cfgs({
     'agent_swin_tiny.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1'),
     'agent_swin_small.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1'),
     'agent_swin_base.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/?dl=1'),
+    # fine-tuned from the 224 models; evaluated at their size without a crop (TEST.CROP False)
+    'agent_swin_small_288.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/09760394e93b4046a25e/?dl=1',
+                                      input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0),
+    'agent_swin_base_384.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/bb84ee9058954706a557/?dl=1',
+                                     input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
     'test_agent_swin': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), label_names=None, license='apache-2.0',
                             paper_ids=None, origin_url=None),
 })
@@ -648,6 +653,20 @@ def agent_swin_base(pretrained=False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-B (AAMB2) @ 224, trained on ImageNet-1k."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), attn_type='AAMB2')
     return _create_agent_swin('agent_swin_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_small_288(pretrained=False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-S (AABB) @ 288 (B windows 9), fine-tuned from the 224 model on ImageNet-1k."""
+    model_args = dict(img_size=288, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), attn_type='AABB')
+    return _create_agent_swin('agent_swin_small_288', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_base_384(pretrained=False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-B (AAMB2) @ 384 (B windows 12), fine-tuned from the 224 model on ImageNet-1k."""
+    model_args = dict(img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), attn_type='AAMB2')
+    return _create_agent_swin('agent_swin_base_384', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
