@@ -105,9 +105,11 @@ def fill_hub_cache(cache_dir: Path, hub_id: str, filename: str, state_dict: Dict
     return path
 
 
-def fill_torch_hub_cache(torch_home: Path, url: str, state_dict: Dict[str, torch.Tensor]) -> Path:
-    """Write `state_dict` where torch.hub caches downloads of `url`."""
-    path = Path(torch_home) / 'hub' / 'checkpoints' / os.path.basename(url)
+def fill_torch_hub_cache(torch_home: Path, url, state_dict: Dict[str, torch.Tensor]) -> Path:
+    """Write `state_dict` where torch.hub caches downloads of `url` (a cfg's url: a string, or a
+    (url, file name) pair for links without a file name)."""
+    name = url[1] if isinstance(url, (list, tuple)) else os.path.basename(url)
+    path = Path(torch_home) / 'hub' / 'checkpoints' / name
     _write(path, state_dict)
     return path
 

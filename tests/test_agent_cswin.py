@@ -180,7 +180,7 @@ def test_agent_biases_non_square():
 def test_cfgs_and_construction_contract():
     for name in (*SPEC_PARAMS_M, 'agent_cswin_base_384'):
         cfg = timm.get_pretrained_cfg(name)
-        assert cfg.url.startswith('https://cloud.tsinghua.edu.cn/f/') and cfg.interpolation == 'bicubic'
+        assert cfg.url[0].startswith('https://cloud.tsinghua.edu.cn/f/') and cfg.interpolation == 'bicubic'
         assert cfg.crop_pct == 0.875 and cfg.crop_mode == 'squash'
     with pytest.raises(TypeError):
         timm.create_model('test_agent_cswin', not_an_arg=1)

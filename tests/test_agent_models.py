@@ -301,13 +301,13 @@ def test_higher_resolution_releases(name, official, params_m, window):
     assert getattr(model, 'window_size', None) == window
     cfg = timm.get_pretrained_cfg(name)
     size = official['img_size']
-    assert cfg.url.startswith('https://cloud.tsinghua.edu.cn/f/') and cfg.input_size == (3, size, size)
+    assert cfg.url[0].startswith('https://cloud.tsinghua.edu.cn/f/') and cfg.input_size == (3, size, size)
 
 
 def test_cfgs_and_construction_contract():
     for name in PARAMS_M:
         cfg = timm.get_pretrained_cfg(name)
-        assert cfg.url.startswith('https://cloud.tsinghua.edu.cn/f/') and cfg.interpolation == 'bicubic'
+        assert cfg.url[0].startswith('https://cloud.tsinghua.edu.cn/f/') and cfg.interpolation == 'bicubic'
         assert cfg.crop_pct == 0.875 and cfg.crop_mode == 'squash' and cfg.input_size == (3, 224, 224)
     for name in TEST_MODELS:
         with pytest.raises(TypeError):

@@ -143,7 +143,7 @@ def test_dense_task_settings_match_official():
 def test_cfgs_and_construction_contract():
     for name in PARAMS_M:
         cfg = timm.get_pretrained_cfg(name)
-        assert cfg.url.startswith('https://') and cfg.interpolation == 'bicubic' and cfg.crop_pct == 0.875
+        assert cfg.url[0].startswith('https://') and cfg.interpolation == 'bicubic' and cfg.crop_pct == 0.875
     with pytest.raises(TypeError):
         timm.create_model('test_biformer', not_an_arg=1)
     model = timm.create_model('biformer_small', device='meta')

@@ -6,11 +6,15 @@ file is opened here and only here:
 
 1. ``.safetensors`` files are read with safetensors (no code runs);
 2. anything else goes through ``torch.load(weights_only=True)``, which only rebuilds tensors and
-   plain containers;
+   plain containers, plus the configuration objects that releases store beside their weights
+   (``argparse.Namespace``, and yacs's ``CfgNode`` rebuilt as a plain dict subclass, so yacs need
+   not be installed and none of its code runs);
 3. a file that needs more is refused unless the caller passes ``allow_pickle=True``, and then only
    after a warning. Re-publish such files as safetensors (``tools/convert.py``) so nobody has to
    unpickle them again.
 """
+import argparse
+import collections
 import logging
 import os
 import pickle
@@ -19,7 +23,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["load_foreign_checkpoint", "foreign_state_dict", "UnsafeCheckpointError"]
+__all__ = ["load_foreign_checkpoint", "foreign_state_dict", "UnsafeCheckpointError", "release_cfg",
+           "load_release_weights"]
 
 _logger = logging.getLogger(__name__)
 
@@ -30,6 +35,19 @@ EMA_STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "ema")
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses to rebuild."""
+
+
+class _PickledConfig:
+    """Stands for yacs's ``CfgNode`` when a checkpoint is unpickled: the node is rebuilt as an
+    ``OrderedDict`` of its items (its attributes set on it), without yacs or any of its code."""
+
+    def __new__(cls, *args):
+        return collections.OrderedDict()
+
+
+# data-only classes of the configs that releases pickle beside their weights, as the weights-only
+# unpickler may rebuild them (nothing of theirs runs: the unpickler sets items and attributes)
+_CONFIG_GLOBALS = [argparse.Namespace, (_PickledConfig, "yacs.config.CfgNode")]
 
 
 def load_foreign_checkpoint(
@@ -59,7 +77,8 @@ def load_foreign_checkpoint(
         import safetensors.torch
         return safetensors.torch.load_file(path, device=str(map_location))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_CONFIG_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_pickle:
             raise UnsafeCheckpointError(
@@ -109,6 +128,46 @@ def foreign_state_dict(
         keys = sorted(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise ValueError(f"no state dict of tensors found in {path} (top level: {keys}); pass key=...")
     return {_strip_prefix(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def release_cfg(url: str, file_name: str) -> dict:
+    """Pretrained-cfg entries for weights published as a training checkpoint at ``url`` whose name
+    does not end in a file name (a cloud drive's ``.../f/<id>/?dl=1``): timm downloads it to its cache
+    as ``file_name`` and hands it to the model's ``load_pretrained``, which opens it with
+    :func:`load_release_weights` (weights-only, whatever config object the file pickles beside the
+    weights). A ``pretrained_cfg_overlay=dict(file=...)`` (say, a converted ``.safetensors``) takes
+    timm's own loading path with the model's checkpoint filter instead."""
+    return dict(url=(url, file_name), custom_load=True)
+
+
+def load_release_weights(model: torch.nn.Module, path: Union[str, os.PathLike], filter_fn) -> None:
+    """Load an official release file into ``model`` as timm's ``load_pretrained`` would: through the
+    family's ``filter_fn(checkpoint, model)``, the stem conv adapted when ``in_chans`` differs from the
+    file's, the classifier dropped when the model's class count differs (then loaded non-strictly,
+    only those keys missing), strictly otherwise."""
+    from timm.models._manipulate import adapt_input_conv
+
+    state_dict = filter_fn(load_foreign_checkpoint(path), model)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    own = model.state_dict()
+    first_convs = cfg.get("first_conv") or ()
+    for name in (first_convs,) if isinstance(first_convs, str) else first_convs:
+        key = name + ".weight"
+        if key in state_dict and key in own and state_dict[key].shape[1] != own[key].shape[1]:
+            state_dict[key] = adapt_input_conv(own[key].shape[1], state_dict[key])
+    dropped = []
+    classifiers = cfg.get("classifier") or ()
+    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        for key in (name + ".weight", name + ".bias"):
+            if key in state_dict and (key not in own or state_dict[key].shape != own[key].shape):
+                state_dict.pop(key)
+                dropped.append(key)
+    missing, unexpected = model.load_state_dict(state_dict, strict=not dropped)
+    if dropped:
+        still = [k for k in missing if k not in dropped]
+        if still or unexpected:
+            raise RuntimeError(f"loading {path}: missing keys {still[:10]}, unexpected keys {unexpected[:10]}")
+        _logger.info("%s: classifier not loaded (%s), its class count differs from the model's", path, dropped)
 
 
 def _first_state_dict(checkpoint: Any, keys: Iterable[str]) -> Optional[Mapping]:

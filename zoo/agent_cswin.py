@@ -34,6 +34,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
     register_notrace_module
 from timm.models._features import feature_take_indices
 
+from ._checkpoint import load_release_weights, release_cfg
 from .kernels import agent_attention
 from .layers import AddLayerNorm, RecomputeMlp
 
@@ -455,6 +456,11 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
 class AgentCSWin(nn.Module):
     """Agent-CSwin: a conv stem, four stages of agent / cross-shaped attention blocks, LN, pool, Linear."""
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official release file; timm calls this for the release URLs of the cfgs
+        (see ``foveal._checkpoint.release_cfg``)."""
+        load_release_weights(self, checkpoint_path, checkpoint_filter_fn)
+
     def __init__(
             self,
             img_size: _int_or_tuple_2_t = 224,
@@ -778,11 +784,12 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     # the release files on Tsinghua Cloud, from the authors' agent_transformer/README.md
-    'agent_cswin_tiny.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/8c562a74441e46d5902b/?dl=1'),
-    'agent_cswin_small.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/30eb8af675bc4b7a8747/?dl=1'),
-    'agent_cswin_base.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/c8035b0839b2410c8c9f/?dl=1'),
+    'agent_cswin_tiny.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/8c562a74441e46d5902b/?dl=1', 'agent_cswin_tiny-in1k.pth')),
+    'agent_cswin_small.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/30eb8af675bc4b7a8747/?dl=1', 'agent_cswin_small-in1k.pth')),
+    'agent_cswin_base.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/c8035b0839b2410c8c9f/?dl=1', 'agent_cswin_base-in1k.pth')),
     'agent_cswin_base_384.in1k': _cfg(
-        url='https://cloud.tsinghua.edu.cn/f/1239be0df44b47719432/?dl=1', input_size=(3, 384, 384),
+        **release_cfg('https://cloud.tsinghua.edu.cn/f/1239be0df44b47719432/?dl=1', 'agent_cswin_base_384-in1k.pth'),
+        input_size=(3, 384, 384),
         pool_size=(12, 12)),
     'test_agent_cswin': _cfg(
         input_size=(3, 64, 64), pool_size=(2, 2), label_names=None, license='apache-2.0', paper_ids=None,

@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from ._checkpoint import load_release_weights, release_cfg
 from .agent_swin import resize_agent_tables
 from .layers import AgentAttention
 
@@ -128,6 +129,11 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
 
 class AgentDeiT(nn.Module):
     """Agent-DeiT: a ViT / DeiT with agent attention in its first blocks."""
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official release file; timm calls this for the release URLs of the cfgs
+        (see ``foveal._checkpoint.release_cfg``)."""
+        load_release_weights(self, checkpoint_path, checkpoint_filter_fn)
 
     def __init__(
             self,
@@ -410,10 +416,10 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     # the authors' release files (agent_transformer/README.md), Tsinghua Cloud; they pickle a yacs config
-    # beside the weights: convert them once (tools/convert.py) rather than load them through torch.hub
-    'agent_deit_tiny.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1'),
-    'agent_deit_small.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1'),
-    'agent_deit_base.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/?dl=1'),
+    # beside the weights: timm downloads them under a file name and load_pretrained opens them weights-only
+    'agent_deit_tiny.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1', 'agent_deit_tiny-in1k.pth')),
+    'agent_deit_small.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1', 'agent_deit_small-in1k.pth')),
+    'agent_deit_base.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/?dl=1', 'agent_deit_base-in1k.pth')),
     'test_agent_deit': _cfg(
         input_size=(3, 64, 64), label_names=None, license='apache-2.0', paper_ids=None, origin_url=None),
 })

@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from timm.models._features import feature_take_indices
 
+from ._checkpoint import load_release_weights, release_cfg
 from .agent_swin import resize_agent_tables
 from .layers import AgentAttention
 
@@ -198,6 +199,11 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
 
 class AgentPVT(nn.Module):
     """Agent-PVT: a four-stage pyramid of agent-attention blocks, token mean, Linear."""
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official release file; timm calls this for the release URLs of the cfgs
+        (see ``foveal._checkpoint.release_cfg``)."""
+        load_release_weights(self, checkpoint_path, checkpoint_filter_fn)
 
     def __init__(
             self,
@@ -489,12 +495,12 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     # the authors' release files (agent_transformer/README.md), Tsinghua Cloud; they pickle a yacs config
-    # beside the weights: convert them once (tools/convert.py) rather than load them through torch.hub
-    'agent_pvt_tiny.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1'),
-    'agent_pvt_small.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1'),
-    'agent_pvt_medium.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/?dl=1'),
-    'agent_pvt_large.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1'),
-    'agent_pvt_medium_256.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/654df734121643b19c52/?dl=1',
+    # beside the weights: timm downloads them under a file name and load_pretrained opens them weights-only
+    'agent_pvt_tiny.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1', 'agent_pvt_tiny-in1k.pth')),
+    'agent_pvt_small.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1', 'agent_pvt_small-in1k.pth')),
+    'agent_pvt_medium.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/?dl=1', 'agent_pvt_medium-in1k.pth')),
+    'agent_pvt_large.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1', 'agent_pvt_large-in1k.pth')),
+    'agent_pvt_medium_256.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/654df734121643b19c52/?dl=1', 'agent_pvt_medium_256-in1k.pth'),
                                       input_size=(3, 256, 256), pool_size=(8, 8)),
     'test_agent_pvt': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), label_names=None, license='apache-2.0',
                            paper_ids=None, origin_url=None),

@@ -28,6 +28,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 
+from ._checkpoint import load_release_weights, release_cfg
 from .layers import AgentAttention
 
 __all__ = ['AgentSwinTransformer']  # model_registry will add each entrypoint fn to this
@@ -252,6 +253,11 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
 
 class AgentSwinTransformer(nn.Module):
     """Agent-Swin: Swin Transformer stages of agent ("A") and shifted-window ("B") blocks."""
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official release file; timm calls this for the release URLs of the cfgs
+        (see ``foveal._checkpoint.release_cfg``)."""
+        load_release_weights(self, checkpoint_path, checkpoint_filter_fn)
 
     def __init__(
             self,
@@ -620,14 +626,14 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     # the authors' release files (agent_transformer/README.md), Tsinghua Cloud; they pickle a yacs config
-    # beside the weights: convert them once (tools/convert.py) rather than load them through torch.hub
-    'agent_swin_tiny.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1'),
-    'agent_swin_small.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1'),
-    'agent_swin_base.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/?dl=1'),
+    # beside the weights: timm downloads them under a file name and load_pretrained opens them weights-only
+    'agent_swin_tiny.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1', 'agent_swin_tiny-in1k.pth')),
+    'agent_swin_small.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1', 'agent_swin_small-in1k.pth')),
+    'agent_swin_base.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/?dl=1', 'agent_swin_base-in1k.pth')),
     # fine-tuned from the 224 models; evaluated at their size without a crop (TEST.CROP False)
-    'agent_swin_small_288.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/09760394e93b4046a25e/?dl=1',
+    'agent_swin_small_288.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/09760394e93b4046a25e/?dl=1', 'agent_swin_small_288-in1k.pth'),
                                       input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0),
-    'agent_swin_base_384.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/bb84ee9058954706a557/?dl=1',
+    'agent_swin_base_384.in1k': _cfg(**release_cfg('https://cloud.tsinghua.edu.cn/f/bb84ee9058954706a557/?dl=1', 'agent_swin_base_384-in1k.pth'),
                                      input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
     'test_agent_swin': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), label_names=None, license='apache-2.0',
                             paper_ids=None, origin_url=None),

@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
     register_notrace_module
 from timm.models._features import feature_take_indices
 
+from ._checkpoint import load_release_weights, release_cfg
 from .layers import AddLayerNorm, AttentionLePE, BiLevelRoutingAttention, RecomputeMlp
 
 __all__ = ['BiFormer']  # model_registry will add each entrypoint fn to this
@@ -193,6 +194,11 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
 
 class BiFormer(nn.Module):
     """BiFormer: a conv stem, four stages of routed (then global) attention blocks, BN, pool, Linear."""
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official release file; timm calls this for the release URLs of the cfgs
+        (see ``foveal._checkpoint.release_cfg``)."""
+        load_release_weights(self, checkpoint_path, checkpoint_filter_fn)
 
     def __init__(
             self,
@@ -484,9 +490,9 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     # the release URLs of the authors' models/biformer.py (their README's OneDrive copies are reported broken)
-    'biformer_tiny.in1k': _cfg(url='https://matix.li/e36fe9fb086c'),
-    'biformer_small.in1k': _cfg(url='https://matix.li/5bb436318902'),
-    'biformer_base.in1k': _cfg(url='https://matix.li/995db75f585d'),
+    'biformer_tiny.in1k': _cfg(**release_cfg('https://matix.li/e36fe9fb086c', 'biformer_tiny-in1k.pth')),
+    'biformer_small.in1k': _cfg(**release_cfg('https://matix.li/5bb436318902', 'biformer_small-in1k.pth')),
+    'biformer_base.in1k': _cfg(**release_cfg('https://matix.li/995db75f585d', 'biformer_base-in1k.pth')),
     'test_biformer': _cfg(
         input_size=(3, 64, 64), pool_size=(2, 2), min_input_size=(3, 32, 32), label_names=None,
         license='apache-2.0', paper_ids=None, origin_url=None),
