@@ -7,9 +7,13 @@ installed; ``import foveal`` alone never needs the OpenMMLab packages. Only mmen
 The backbone wraps any timm model (foveal's or timm's own) and returns its stride 4 / 8 / 16 / 32
 feature maps through the model's ``forward_intermediates``, NCHW, as mmdet necks and mmseg heads
 take them. What a family's published downstream models add on top lives in a per-family table,
-:data:`FAMILIES`: NAT / DiNAT put a LayerNorm (``norm0`` .. ``norm3``) on every output. A new family
-plugs in with one :class:`Family` entry (its output norm, if any); its downstream arguments (DiNAT's
-re-dilated ``dilations``, ...) are the timm model's own constructor arguments, passed through.
+:data:`FAMILIES`: NAT / DiNAT put a LayerNorm (``norm0`` .. ``norm3``) on every output, BiFormer a
+LayerNorm2d (the authors' ``extra_norms.{i}``), Agent-Swin a LayerNorm; Agent-PVT returns its stage maps
+as they are. A new family plugs in with one :class:`Family` entry (its output norm, if any); its
+downstream arguments are the timm model's own constructor arguments, passed through: DiNAT's
+re-dilated ``dilations``, BiFormer's ``n_win`` and ``auto_pad=True`` (regions per side, and zero-padding
+of each map to a multiple of them, so that inputs of any size run), Agent's ``dense_agent_num``
+(agents pooled per stage; the bias tables keep their trained agent grid and are resized over it).
 
 Weights (``init_cfg=dict(type='Pretrained', checkpoint=...)``) may be
 
@@ -18,8 +22,8 @@ Weights (``init_cfg=dict(type='Pretrained', checkpoint=...)``) may be
   through the family's ``checkpoint_filter_fn``;
 - a local file or an URL: a classification checkpoint in any layout the family's filter reads, or
   an mm checkpoint (mmengine's ``state_dict`` with ``backbone.`` keys, neck and heads ignored):
-  either the authors' layout (``backbone.levels...``, ``backbone.norm{i}``) or this module's own
-  (``backbone.model...``, ``backbone.norm{i}``).
+  either the authors' layout (``backbone.levels...``, ``backbone.norm{i}``, BiFormer's
+  ``backbone.extra_norms.{i}``) or this module's own (``backbone.model...``, ``backbone.norm{i}``).
 
 Files are opened with ``torch.load(weights_only=True)``; what mmengine's Runner writes beside the
 weights (numpy scalars and arrays, its message hub's history buffers) is allowed explicitly
@@ -39,11 +43,15 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import timm
+from timm.layers import LayerNorm2d
 from timm.layers.halo_attn import HaloAttn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from ._checkpoint import load_foreign_checkpoint
+from .agent_pvt import AgentPVT
+from .agent_swin import AgentSwinTransformer
+from .biformer import BiFormer
 from .nat import NAT
 
 __all__ = ['FovealBackbone', 'Family', 'FAMILIES', 'register_family', 'checkpoint_globals', 'load_checkpoint_file']
@@ -59,12 +67,16 @@ class Family:
         out_norm: Norm layer class applied to every output (built as ``out_norm(channels)``), named
             ``norm{i}`` after the output index as in the published mm checkpoints; None for none.
         out_norm_fmt: Layout the out norm takes: 'NHWC' (LayerNorm over channels) or 'NCHW'.
-        size_multiple: For models that only take inputs of some multiple (timm's HaloNets): the
-            multiple, from the model. Inputs are zero-padded on the bottom / right up to it and each
-            output is cropped back to ``ceil(input size / stride)``.
+        out_norm_key: The authors' name of output norm i in their mm checkpoints, as a format
+            string of i (BiFormer: ``'extra_norms.{}'``); loaded into ``norm{i}``. None: ``norm{i}``.
+        size_multiple: For models that only take inputs of some multiple (timm's HaloNets) or that
+            pad their input to one (Swin's patch embedding): the multiple, from the model. Inputs are
+            zero-padded on the bottom / right up to it and each output is cropped back to
+            ``ceil(input size / stride)``.
     """
     out_norm: Optional[Type[nn.Module]] = None
     out_norm_fmt: str = 'NHWC'
+    out_norm_key: Optional[str] = None
     size_multiple: Optional[Callable[[nn.Module], int]] = None
 
 
@@ -78,10 +90,28 @@ def _has_halo_attn(model: nn.Module) -> bool:
     return any(isinstance(m, HaloAttn) for m in model.modules())
 
 
+def _patch_multiple(model: nn.Module) -> int:
+    # the authors' downstream Swin pads the image to a multiple of the patch size (timm's patch
+    # embedding would drop the remainder); patch merging pads odd maps itself
+    return model.patch_embed.patch_size[0]
+
+
+def _stride_multiple(model: nn.Module) -> int:
+    # strided patch embeddings without padding (PVT) drop the rows / columns beyond a multiple of
+    # each stride, and fail on maps smaller than the next stride: pad to the model's total stride, as
+    # mmdet's data preprocessor does (sizes that are multiples of it run unchanged)
+    return model.feature_info[-1]['reduction']
+
+
 # (model class or predicate on the model, what its downstream backbone adds), first match wins;
 # models that match nothing are used as they are
 FAMILIES: List[Tuple[Union[type, Callable[[nn.Module], bool]], Family]] = [
     (NAT, Family(out_norm=nn.LayerNorm)),  # NAT / DiNAT / DiNAT_s: a LayerNorm on each stage output
+    # BiFormer: timm's LayerNorm2d (eps 1e-6) on each stage output, NCHW, as the authors' BiFormer_mm
+    (BiFormer, Family(out_norm=LayerNorm2d, out_norm_fmt='NCHW', out_norm_key='extra_norms.{}')),
+    (AgentSwinTransformer, Family(out_norm=nn.LayerNorm, size_multiple=_patch_multiple)),
+    # Agent-PVT: the stage maps without a norm, as the authors' AgentPVT returns them
+    (AgentPVT, Family(size_multiple=_stride_multiple)),
     (_has_halo_attn, Family(size_multiple=_halo_multiple)),  # timm's HaloNets
 ]
 
@@ -156,13 +186,15 @@ class FovealBackbone(BaseModule):
     ):
         """
         Args:
-            model_name: timm architecture (``'dinat_tiny'``, ``'nat_small'``, ``'halonet50ts'``, ...).
-                A pretrained tag is allowed and only names the default weights of ``init_cfg``.
+            model_name: timm architecture (``'dinat_tiny'``, ``'biformer_small'``, ``'agent_swin_tiny'``,
+                ``'halonet50ts'``, ...). A pretrained tag is allowed and only names the default
+                weights of ``init_cfg``.
             out_indices: Which of the model's ``feature_info`` entries to return; by default those
                 at strides 4, 8, 16 and 32 (for NAT / DiNAT: 0, 1, 2, 3).
-            frozen_stages: -1 trains everything; 0 freezes the stem; k > 0 also freezes the modules
-                that compute the first k outputs (their parameters get no gradient and their norms
-                stay in eval mode) and those outputs' out norms.
+            frozen_stages: -1 trains everything; 0 freezes the stem (what the model's
+                ``group_matcher`` calls so, e.g. Agent-PVT's stage-0 patch and position embeddings);
+                k > 0 also freezes the modules that compute the first k outputs (their parameters get
+                no gradient and their norms stay in eval mode) and those outputs' out norms.
             norm_eval: Keep every batch norm of the backbone in eval mode while training.
             drop_path_rate: Stochastic depth rate of the timm model (its default if None).
             with_cp: Gradient checkpointing (timm's ``set_grad_checkpointing``).
@@ -220,22 +252,27 @@ class FovealBackbone(BaseModule):
     def _out_norms(self) -> List[nn.Module]:
         return [getattr(self, f'norm{i}') for i in self.out_indices] if self.family.out_norm else []
 
-    def _frozen_modules(self) -> List[nn.Module]:
+    def _frozen(self) -> Tuple[List[nn.Module], List[nn.Parameter]]:
+        """The modules and parameters ``frozen_stages`` freezes: the stem (what the model's
+        ``group_matcher`` names so, which may be parts of the first stage, e.g. Agent-PVT's patch and
+        position embeddings), the modules of the first ``frozen_stages`` outputs and their out norms."""
         if self.frozen_stages < 0:
-            return []
+            return [], []
         stem = self.model.group_matcher(coarse=True)['stem']
-        prefixes = stem if isinstance(stem, (list, tuple)) else [stem]
-        modules = [m for n, m in self.model.named_children() if any(_matches(p, n) for p in prefixes)]
+        patterns = stem if isinstance(stem, (list, tuple)) else [stem]
+        modules = [m for n, m in self.model.named_modules() if n and any(_matches(p, n) for p in patterns)]
+        params = [p for n, p in self.model.named_parameters() if any(_matches(pat, n) for pat in patterns)]
         for f in self.feature_info[:self.frozen_stages]:
             modules.append(self.model.get_submodule(f['module']))
         modules += self._out_norms()[:self.frozen_stages]
-        return modules
+        return modules, params + [p for m in modules for p in m.parameters()]
 
     def _freeze_stages(self) -> None:
-        for m in self._frozen_modules():
+        modules, params = self._frozen()
+        for m in modules:
             m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
+        for p in params:
+            p.requires_grad = False
 
     def train(self, mode: bool = True) -> 'FovealBackbone':
         """Set the train mode, keeping frozen stages (and with ``norm_eval`` all batch norms) in eval."""
@@ -311,6 +348,10 @@ class FovealBackbone(BaseModule):
             state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
         if any(k.startswith('model.') for k in state_dict):  # written from this module
             return state_dict
+        if self.family.out_norm_key is not None:  # the authors' names of the out norms -> norm{i}
+            renames = {self.family.out_norm_key.format(i) + '.': f'norm{i}.' for i in self.out_indices}
+            state_dict = {next((new + k[len(old):] for old, new in renames.items() if k.startswith(old)), k): v
+                          for k, v in state_dict.items()}
         out_norms = tuple(f'norm{i}.' for i in self.out_indices)
         ours = {k: v for k, v in state_dict.items() if k.startswith(out_norms)}
         rest = {k: v for k, v in state_dict.items() if not k.startswith(out_norms)}
