@@ -48,7 +48,8 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    return interpreting(_agent_fwd_queries)
+    # fixed when triton is imported; read as a constant, so dynamo never inspects a kernel object
+    return _INTERPRETING
 
 
 # -- device helpers -------------------------------------------------------------------------------
@@ -359,6 +360,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT: dict = {}
 
 
+_INTERPRETING = interpreting(_agent_fwd_queries)
+
+
 def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
@@ -374,7 +378,10 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _tiles(block_a: int, block_d: int) -> tuple[int, int, int]:
-    """``(BLOCK_N of stage 1's forward, BLOCK_M of the token tiles, num_warps)``; tests replace it."""
+    """``(BLOCK_N of stage 1's forward, BLOCK_M of the token tiles, num_warps)``; ``block_d`` counts
+    16-bit elements (a float32 head dim counts twice); tests replace it."""
+    if block_a * block_d >= 256 * 128:  # e.g. 196+ float32 agents of head dim 64: 32-row tiles overflow shared memory
+        return 16, 16, 8
     if block_a >= 128 or block_d >= 128:
         return 32, 32, 8
     return 64, 64, 4
@@ -403,7 +410,7 @@ def agent_triton_probe(q, k, v, agents, bias_ak, bias_qa) -> Optional[str]:
 def _consts(q, v, agents):
     D, Dv, n = q.shape[-1], v.shape[-1], agents.shape[1]
     block_a, block_d, block_dv = _pow2(n), _pow2(D), _pow2(Dv)
-    block_n, block_m, warps = _tiles(block_a, max(block_d, block_dv))
+    block_n, block_m, warps = _tiles(block_a, max(block_d, block_dv) * q.element_size() // 2)
     return D, Dv, n, block_a, block_d, block_dv, block_n, block_m, warps
 
 
