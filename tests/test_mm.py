@@ -9,8 +9,11 @@ smaller (RoI sample counts and detections kept per image). DiNAT's downstream di
 would pad every map to at least 196x196 whatever the input size (SPEC 1.2), so after the model is
 built with them the step runs with each dilation clamped to floor(map size / kernel size), DiNAT's
 own rule for a map of that size (weights and modules unchanged); the padding path at large
-dilations is covered by `test_large_dilations_on_small_maps`. The backbone tests run on
-`test_nat` and on timm's `halonet26t`.
+dilations is covered by `test_large_dilations_on_small_maps`. BiFormer's and Agent's downstream
+arguments (n_win / auto_pad, pooled agent counts) are checked to reach every attention layer, and
+each config's backbone weight decay, parameter by parameter, against the no-decay rule of the
+published config it follows (`AUTHORS_NO_DECAY`). The backbone tests run on `test_nat` and on
+timm's `halonet26t`.
 """
 import copy
 import os
@@ -34,6 +37,8 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
 import foveal.mm
+from foveal import NAT, AgentPVT, AgentSwinTransformer, BiFormer
+from foveal.layers import AgentAttention, BiLevelRoutingAttention
 from foveal.mm import FovealBackbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,14 +99,19 @@ def _build(path: Path, scope: str):
     cfg.model.backbone.init_cfg = None  # no hub here; the weight sources are tested below
     if scope == 'mmdet':
         # one CPU step needs fewer sampled RoIs and kept detections than training on COCO
-        rcnn = cfg.model.train_cfg.rcnn
-        for stage in rcnn if isinstance(rcnn, list) else [rcnn]:
-            stage.sampler.num = 16
-        cfg.model.train_cfg.rpn.sampler.num = 32
-        cfg.model.test_cfg.rpn.max_per_img = 20
-        cfg.model.test_cfg.rcnn.max_per_img = 5
+        if 'rcnn' in cfg.model.train_cfg:  # two-stage detectors
+            rcnn = cfg.model.train_cfg.rcnn
+            for stage in rcnn if isinstance(rcnn, list) else [rcnn]:
+                stage.sampler.num = 16
+            cfg.model.train_cfg.rpn.sampler.num = 32
+            cfg.model.test_cfg.rpn.max_per_img = 20
+            cfg.model.test_cfg.rcnn.max_per_img = 5
+        else:  # RetinaNet
+            cfg.model.test_cfg.max_per_img = 5
         from mmdet.registry import MODELS
     else:
+        # the segmentor hands no `pretrained` of its base (mmseg's ResNet weights) to the backbone
+        assert cfg.model.get('pretrained') is None
         cfg.model.data_preprocessor.size = (SIZE, SIZE)
         from mmseg.registry import MODELS
     model = revert_sync_batchnorm(MODELS.build(cfg.model))  # SyncBN needs a process group
@@ -116,23 +126,67 @@ def _fit_dilations(backbone: FovealBackbone, size: int) -> None:
             blk.attn.dilation = max(1, min(blk.attn.dilation, side // blk.attn.kernel_size))
 
 
+# The no-decay rules of each family's published configs: mmcv custom_keys, i.e. substrings of the
+# parameter names of the authors' backbones (NAT: rpb / norm; BiFormer: norm; Agent-Swin: norm, the
+# relative position and agent bias tables). The configs here spell them out as exact parts of
+# FovealBackbone's names, which keep the authors' 'norm' and table names (BiFormer's stem and
+# downsampler batch norms are named by index in both, so decayed in both); each config must exclude
+# exactly the backbone parameters the authors' substrings pick from these names, and decay the rest.
+# Recipes without paramwise rules (RetinaNet BiFormer, Agent-PVT) decay every parameter.
+AUTHORS_NO_DECAY = {
+    NAT: ('rpb', 'norm'),
+    BiFormer: ('norm',),
+    AgentSwinTransformer: ('relative_position_bias_table', 'norm',
+                           'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias'),
+    AgentPVT: (),
+}
+
+
+def _assert_authors_decay(cfg, backbone: FovealBackbone, decay) -> None:
+    """Backbone weight decay as the family's original config sets it (see AUTHORS_NO_DECAY)."""
+    family = next(keys for cls, keys in AUTHORS_NO_DECAY.items() if isinstance(backbone.model, cls))
+    keys = family if cfg.optim_wrapper.get('paramwise_cfg') else ()
+    weight_decay = cfg.optim_wrapper.optimizer.weight_decay
+    assert weight_decay > 0
+    names = [n for n, _ in backbone.named_parameters()]
+    assert all(any(k in n for n in names) for k in keys), 'a rule of the original matches nothing here'
+    wrong = [n for n, p in backbone.named_parameters()
+             if decay[id(p)] != (0. if any(k in n for k in keys) else weight_decay)]
+    assert not wrong, f'weight decay differs from the original config for {len(wrong)} parameters: {wrong[:5]}'
+
+
+def _assert_downstream_args(cfg, backbone: FovealBackbone) -> None:
+    """BiFormer's n_win / auto_pad and Agent's pooled agent counts reach every attention layer."""
+    args = cfg.model.backbone
+    if isinstance(backbone.model, BiFormer):
+        layers = [m for m in backbone.modules() if isinstance(m, BiLevelRoutingAttention)]
+        assert layers and all(m.n_win == args.n_win and m.auto_pad for m in layers)
+    if isinstance(backbone.model, (AgentSwinTransformer, AgentPVT)):
+        stages = backbone.model.layers if isinstance(backbone.model, AgentSwinTransformer) else backbone.model.stages
+        for stage, agents in zip(stages, args.dense_agent_num):
+            layers = [m for m in stage.modules() if isinstance(m, AgentAttention)]
+            assert all(m.agent_shape[0] * m.agent_shape[1] == agents for m in layers)
+
+
 def _train_and_infer(cfg, model, batch):
     # the backbone feeds the neck / heads the channels the config gives them
     head = cfg.model.get('neck', cfg.model.get('decode_head'))
     assert list(head.in_channels) == model.backbone.out_channels
+    _assert_downstream_args(cfg, model.backbone)
     params = dict(model.named_parameters())
-    for key in cfg.optim_wrapper.paramwise_cfg.custom_keys:
+    paramwise = cfg.optim_wrapper.get('paramwise_cfg', {})
+    for key in paramwise.get('custom_keys', {}):
         assert any(key in name for name in params), f'no-decay key {key!r} matches no parameter'
 
     optim_cfg = copy.deepcopy(cfg.optim_wrapper)
     optim_cfg.type = 'OptimWrapper'  # AMP needs a GPU
     optim_cfg.pop('loss_scale', None)
-    decay = {id(p): g['weight_decay'] for g in build_optim_wrapper(model, optim_cfg).param_groups for p in g['params']}
-    blk = model.backbone.model.levels[0].blocks[0]
-    assert decay[id(blk.attn.rpb)] == decay[id(blk.norm1.weight)] == decay[id(model.backbone.norm0.weight)] == 0
-    assert decay[id(blk.attn.qkv.weight)] == cfg.optim_wrapper.optimizer.weight_decay > 0
+    optim_wrapper = build_optim_wrapper(model, optim_cfg)
+    decay = {id(p): g['weight_decay'] for g in optim_wrapper.param_groups for p in g['params']}
+    _assert_authors_decay(cfg, model.backbone, decay)
 
-    _fit_dilations(model.backbone, SIZE)
+    if isinstance(model.backbone.model, NAT):
+        _fit_dilations(model.backbone, SIZE)
     model.train()
     data = model.data_preprocessor(copy.deepcopy(batch), True)
     losses = model(**data, mode='loss')
@@ -144,7 +198,10 @@ def _train_and_infer(cfg, model, batch):
     no_grad = [n for n, p in backbone.items() if p.grad is None]
     assert not no_grad, f'no gradient reaches {no_grad[:5]}'
     assert torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in backbone.values()]))).all()
-    assert model.backbone.model.patch_embed.proj[0].weight.grad.abs().sum() > 0
+    first_conv = model.backbone.model.get_submodule(model.backbone.model.pretrained_cfg['first_conv'])
+    assert first_conv.weight.grad.abs().sum() > 0
+    optim_wrapper.step()
+    assert all(torch.isfinite(p).all() for p in backbone.values())
 
     model.eval()
     with torch.no_grad():
@@ -159,7 +216,8 @@ def test_detection_config(path, det_batch):
     for r in results:
         boxes = r.pred_instances.bboxes
         assert boxes.shape[-1] == 4 and torch.isfinite(boxes).all()
-        assert r.pred_instances.masks.shape[-2:] == tuple(r.ori_shape)
+        if 'mask_head' in cfg.model.get('roi_head', {}):
+            assert r.pred_instances.masks.shape[-2:] == tuple(r.ori_shape)
 
 
 @pytest.mark.parametrize('path', SEG_CONFIGS, ids=lambda p: p.stem)
@@ -185,6 +243,20 @@ def test_configs_cover_published_models():
             assert f'{arch}-{size}-in1k-pre_upernet_8xb2-160k_ade20k-512x512' in seg
     assert 'cascade-mask-rcnn_dinat-large_fpn_4conv1fc-giou_ms-crop-3x_coco' in det
     assert 'dinat-large-in22k-pre_upernet_8xb2-160k_ade20k-640x640' in seg
+    for size in ('small', 'base'):  # BiFormer: COCO 1x, ADE20K Semantic FPN 80k and UPerNet 160k
+        assert f'mask-rcnn_biformer-{size}_fpn_amp-1x_coco' in det
+        assert f'retinanet_biformer-{size}_fpn_amp-1x_coco' in det
+        assert f'biformer-{size}-in1k-pre_fpn_8xb4-80k_ade20k-512x512' in seg
+        assert f'biformer-{size}-in1k-pre_upernet_8xb2-160k_ade20k-512x512' in seg
+    for size in ('tiny', 'small', 'medium', 'large'):  # Agent-PVT: Mask R-CNN 1x, Semantic FPN 40k
+        assert f'mask-rcnn_agent-pvt-{size}_fpn_1x_coco' in det
+        assert f'agent-pvt-{size}-in1k-pre_fpn_8xb2-40k_ade20k-512x512' in seg
+    for schedule in ('1x', '3x'):  # Agent-Swin: Mask R-CNN T 1x / 3x, Cascade S / B 3x, UPerNet T / S / B
+        assert f'mask-rcnn_agent-swin-tiny_fpn_ms-crop-{schedule}_coco' in det
+    for size in ('small', 'base'):
+        assert f'cascade-mask-rcnn_agent-swin-{size}_fpn_4conv1fc-giou_ms-crop-3x_coco' in det
+    for size in ('tiny', 'small', 'base'):
+        assert f'agent-swin-{size}-in1k-pre_upernet_8xb2-160k_ade20k-512x512' in seg
 
 
 def test_import_foveal_needs_no_mm_packages():
