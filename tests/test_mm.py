@@ -12,8 +12,10 @@ own rule for a map of that size (weights and modules unchanged); the padding pat
 dilations is covered by `test_large_dilations_on_small_maps`. BiFormer's and Agent's downstream
 arguments (n_win / auto_pad, pooled agent counts) are checked to reach every attention layer, and
 each config's backbone weight decay, parameter by parameter, against the no-decay rule of the
-published config it follows (`AUTHORS_NO_DECAY`). The backbone tests run on `test_nat` and on
-timm's `halonet26t`.
+published config it follows (`AUTHORS_NO_DECAY`). The backbone tests run on the `test_*` members
+of each family (NAT, BiFormer, Agent-Swin, Agent-PVT) and on timm's `halonet26t`; BiFormer's and
+Agent's are compared with the authors' mm backbones (tests/biformer_official.py,
+tests/agent_official.py) loaded from mm checkpoints in the authors' layout.
 """
 import copy
 import os
@@ -45,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / 'tools'
 sys.path.insert(0, str(TOOLS))
 from mm_data import write_deepforest_coco, write_voc_sample  # noqa: E402
+from agent_official import build_official, randomize  # noqa: E402
+from biformer_official import OFFICIAL_VARIANTS as BIFORMER_VARIANTS, OfficialBiFormer  # noqa: E402
+from biformer_official import randomize as randomize_biformer  # noqa: E402
 
 DET_CONFIGS = sorted((ROOT / 'configs' / 'mmdet').glob('*.py'))
 SEG_CONFIGS = sorted((ROOT / 'configs' / 'mmseg').glob('*.py'))
@@ -440,6 +445,136 @@ def test_timm_halonet_any_size_frozen_stem_and_norm_eval():
     sum(o.mean() for o in outs).backward()
     assert all(p.grad is None for p in backbone.model.stem.parameters())
     assert all(p.grad is not None for p in backbone.model.stages[1].parameters())
+
+
+# the CI-sized member of each family, with its downstream arguments
+FAMILY_TEST_MODELS = {
+    'test_biformer': dict(n_win=4, auto_pad=True),
+    'test_agent_swin': dict(dense_agent_num=(9, 9, 4, 4)),
+    'test_agent_pvt': dict(dense_agent_num=(9, 16, 16, 4)),
+}
+
+
+@pytest.mark.parametrize('name', list(FAMILY_TEST_MODELS))
+def test_family_outputs_any_size(name):
+    """Inputs of any size: BiFormer pads each map to a multiple of n_win, Agent resizes its bias tables
+    to each map (and pools the downstream agent counts), Agent-Swin / -PVT pad the image to their patch
+    size / total stride; outputs are ceil(input / stride), every parameter trains."""
+    backbone = FovealBackbone(name, **FAMILY_TEST_MODELS[name])
+    norms = [n for n, _ in backbone.named_children() if n.startswith('norm')]
+    assert norms == ([] if name == 'test_agent_pvt' else [f'norm{i}' for i in range(4)])
+    for H, W in ((37, 53), (64, 64), (130, 17)):
+        outs = backbone(torch.randn(1, 3, H, W))
+        assert [o.shape[1] for o in outs] == backbone.out_channels
+        for o, stride in zip(outs, (4, 8, 16, 32)):
+            assert o.is_contiguous() and o.shape[-2:] == (-(-H // stride), -(-W // stride))
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in backbone.parameters())
+
+
+def _mm_checkpoint(path, backbone_state, **extra):
+    state_dict = {f'backbone.{k}': v for k, v in {**backbone_state, **extra}.items()}
+    state_dict['neck.lateral_convs.0.conv.weight'] = torch.randn(8, 16, 1, 1)
+    torch.save(dict(meta=_mm_meta(), state_dict=state_dict), path)
+    return str(path)
+
+
+def test_biformer_matches_the_authors_mm_backbone(tmp_path):
+    """The authors' BiFormer_mm (stem / downsamplers, stages, a LayerNorm2d `extra_norms.{i}` on each
+    output; auto_pad for any size) from an mm checkpoint of theirs: same outputs."""
+    variant = dict(BIFORMER_VARIANTS['test_biformer'], n_win=4, auto_pad=True)
+    official = randomize_biformer(OfficialBiFormer(**variant)).eval()
+    extra_norms = [randomize(timm.layers.LayerNorm2d(c), seed=i) for i, c in enumerate(variant['embed_dims'])]
+    weights = {k: v for k, v in official.state_dict().items() if not k.startswith(('norm.', 'head.'))}
+    norms = {f'extra_norms.{i}.{k}': v for i, n in enumerate(extra_norms) for k, v in n.state_dict().items()}
+    path = _mm_checkpoint(tmp_path / 'upernet_biformer.pth', weights, **norms)
+    backbone = FovealBackbone('test_biformer', n_win=4, auto_pad=True, pretrained=path)
+    backbone.init_weights()
+    backbone.eval()
+    x = torch.randn(2, 3, 72, 100)
+    with torch.no_grad():
+        expected, y = [], x
+        for down, stage, norm in zip(official.downsample_layers, official.stages, extra_norms):
+            y = stage(down(y))
+            expected.append(norm(y))
+        for got, e in zip(backbone(x), expected):
+            torch.testing.assert_close(got, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['test_agent_swin', 'test_agent_pvt'])
+def test_agent_matches_the_authors_mm_backbone(name, tmp_path):
+    """The authors' AgentSwinTransformer / AgentPVT mm backbones (downstream agent shapes; Swin with a
+    LayerNorm `norm{i}` on each stage output before its patch merging, PVT the raw stage maps) from an
+    mm checkpoint in their layout: same outputs."""
+    dense = FAMILY_TEST_MODELS[name]['dense_agent_num']
+    official = randomize(build_official(name, dense_agents=[(int(m ** 0.5),) * 2 for m in dense])).eval()
+    weights = {k: v for k, v in official.state_dict().items() if not k.startswith(('norm.', 'head.'))}
+    x = torch.randn(2, 3, 64, 64)
+    expected = []
+    with torch.no_grad():
+        if name == 'test_agent_swin':
+            norms = [randomize(torch.nn.LayerNorm(12 * 2 ** i), seed=i) for i in range(4)]
+            weights.update({f'norm{i}.{k}': v for i, n in enumerate(norms) for k, v in n.state_dict().items()})
+            y = official.patch_embed.norm(official.patch_embed.proj(x).flatten(2).transpose(1, 2))
+            side = 16
+            for layer, norm in zip(official.layers, norms):
+                for blk in layer.blocks:
+                    y = blk(y)
+                expected.append(norm(y).reshape(2, side, side, -1).permute(0, 3, 1, 2))
+                if layer.downsample is not None:
+                    y, side = layer.downsample(y), side // 2
+        else:
+            y = x
+            for i in range(4):
+                pe = getattr(official, f'patch_embed{i + 1}')
+                y = pe.norm(pe.proj(y).flatten(2).transpose(1, 2)) + getattr(official, f'pos_embed{i + 1}')
+                side = official.grids[i]
+                for blk in getattr(official, f'block{i + 1}'):
+                    y = blk(y, side, side)
+                y = y.reshape(2, side, side, -1).permute(0, 3, 1, 2)
+                expected.append(y)
+    backbone = FovealBackbone(name, dense_agent_num=dense, pretrained=_mm_checkpoint(tmp_path / 'mm.pth', weights))
+    backbone.init_weights()
+    with torch.no_grad():
+        for got, e in zip(backbone.eval()(x), expected):
+            torch.testing.assert_close(got, e, rtol=1e-4, atol=1e-5)
+
+
+def _stem_and_stages(model):
+    if isinstance(model, BiFormer):
+        return [model.stem], list(model.stages)
+    if isinstance(model, AgentSwinTransformer):
+        return [model.patch_embed], list(model.layers)
+    return [model.stages[0].patch_embed], list(model.stages)  # Agent-PVT's stem: stage 0's embeddings
+
+
+@pytest.mark.parametrize('name', list(FAMILY_TEST_MODELS))
+def test_family_frozen_stages_and_out_indices(name):
+    """frozen_stages=0 freezes the stem only (Agent-PVT: stage 0's patch and position embeddings),
+    frozen_stages=2 also the first two stages and their out norms; out_indices prunes later stages."""
+    kwargs = FAMILY_TEST_MODELS[name]
+    x = torch.randn(1, 3, 64, 64)
+    backbone = FovealBackbone(name, frozen_stages=0, **kwargs).train()
+    stem, stages = _stem_and_stages(backbone.model)
+    assert all(not p.requires_grad for m in stem for p in m.parameters())
+    assert all(p.requires_grad for n, p in backbone.model.named_parameters()
+               if not any(p is q for m in stem for q in m.parameters()) and not n.endswith('0.pos_embed'))
+    if name == 'test_agent_pvt':
+        assert not backbone.model.stages[0].pos_embed.requires_grad and backbone.model.stages[0].blocks.training
+
+    backbone = FovealBackbone(name, frozen_stages=2, **kwargs).train()
+    stem, stages = _stem_and_stages(backbone.model)
+    norms = [getattr(backbone, f'norm{i}') for i in range(4)] if backbone.family.out_norm else []
+    frozen, trained = stem + stages[:2] + norms[:2], stages[2:] + norms[2:]
+    assert all(not m.training for m in frozen) and all(m.training for m in trained)
+    sum(o.sum() for o in backbone(x)).backward()
+    assert all(p.grad is None and not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.grad is not None for m in trained for p in m.parameters())
+
+    backbone = FovealBackbone(name, out_indices=(1, 2), **kwargs)
+    assert len(_stem_and_stages(backbone.model)[1]) == 3
+    assert hasattr(backbone, 'norm1') == bool(backbone.family.out_norm) and not hasattr(backbone, 'norm0')
+    assert [tuple(o.shape[-2:]) for o in backbone(x)] == [(8, 8), (4, 4)]
 
 
 def test_train_and_test_tools(tmp_path):
