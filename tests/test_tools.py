@@ -256,6 +256,9 @@ def test_foreign_checkpoint_helper_is_weights_only_first(tmp_path):
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": weights, "model_ema": {"w": torch.full((2,), 5.0)}, "args": argparse.Namespace(lr=1)},
                pickled)
+    # config objects the releases pickle (argparse / yacs) are rebuilt as data, weights-only
+    assert load_foreign_checkpoint(pickled)["args"].lr == 1
+    torch.save({"model": weights, "model_ema": {"w": torch.full((2,), 5.0)}, "hook": print}, pickled)
     with pytest.raises(UnsafeCheckpointError, match="allow_pickle=True"):
         load_foreign_checkpoint(pickled)
     assert foreign_state_dict(pickled, allow_pickle=True, use_ema=True)["w"][0] == 5.0
@@ -278,14 +281,16 @@ def _original_nat_layout(state_dict):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """test_nat weights saved in the authors' layout with a pickled namespace, then converted."""
+    """test_nat weights saved in the authors' layout with a pickled namespace and an object only a full
+    unpickle rebuilds (a function reference), then converted."""
     if "test_nat" not in timm.list_models():
         pytest.skip("test_nat is not registered")
     tmp = tmp_path_factory.mktemp("convert")
     torch.manual_seed(0)
     model = timm.create_model("test_nat").eval()
     source = tmp / "nat_official.pth"
-    torch.save({"model": _original_nat_layout(model.state_dict()), "args": argparse.Namespace(epochs=300)}, source)
+    torch.save({"model": _original_nat_layout(model.state_dict()), "args": argparse.Namespace(epochs=300),
+                "hook": print}, source)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
