@@ -2,11 +2,11 @@
 """Convert an official checkpoint into a timm model folder (``model.safetensors`` + ``config.json``).
 
     python tools/convert.py nat_tiny.pth --model nat_tiny.in1k --output weights/nat_tiny.in1k
-    python tools/convert.py biformer_small.pth --model biformer_small --key model --allow-pickle
+    python tools/convert.py biformer_small.pth --model biformer_small --key model
     python -c "import foveal, timm; timm.create_model('local-dir:weights/nat_tiny.in1k')"
 
-The file is opened through ``foveal._checkpoint`` (safetensors, else a weights-only torch load; a
-full unpickle only with ``--allow-pickle``). Keys are mapped to foveal's layout by the family's own
+The file is opened through ``foveal._checkpoint`` (safetensors, else a weights-only torch load that also
+rebuilds the argparse / yacs configs releases pickle, as data; a full unpickle only with ``--allow-pickle``). Keys are mapped to foveal's layout by the family's own
 ``checkpoint_filter_fn`` (the function timm calls when it loads pretrained weights), found in the
 module that registers the model, so a new family is supported by writing its filter. The folder
 also gets ``conversion.json``: where the weights came from (file name, size, SHA-256) and how they

@@ -7,8 +7,8 @@ file is opened here and only here:
 1. ``.safetensors`` files are read with safetensors (no code runs);
 2. anything else goes through ``torch.load(weights_only=True)``, which only rebuilds tensors and
    plain containers, plus the configuration objects that releases store beside their weights
-   (``argparse.Namespace``, and yacs's ``CfgNode`` rebuilt as a plain dict subclass, so yacs need
-   not be installed and none of its code runs);
+   (``argparse.Namespace``, and yacs's ``CfgNode`` rebuilt as an ``OrderedDict`` of its items, so yacs
+   need not be installed and none of its code runs);
 3. a file that needs more is refused unless the caller passes ``allow_pickle=True``, and then only
    after a warning. Re-publish such files as safetensors (``tools/convert.py``) so nobody has to
    unpickle them again.
@@ -134,8 +134,8 @@ def release_cfg(url: str, file_name: str) -> dict:
     """Pretrained-cfg entries for weights published as a training checkpoint at ``url`` whose name
     does not end in a file name (a cloud drive's ``.../f/<id>/?dl=1``): timm downloads it to its cache
     as ``file_name`` and hands it to the model's ``load_pretrained``, which opens it with
-    :func:`load_release_weights` (weights-only, whatever config object the file pickles beside the
-    weights). A ``pretrained_cfg_overlay=dict(file=...)`` (say, a converted ``.safetensors``) takes
+    :func:`load_release_weights` (weights-only; the argparse / yacs config the file pickles beside the
+    weights is read as data). A ``pretrained_cfg_overlay=dict(file=...)`` (say, a converted ``.safetensors``) takes
     timm's own loading path with the model's checkpoint filter instead."""
     return dict(url=(url, file_name), custom_load=True)
 
