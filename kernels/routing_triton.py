@@ -13,10 +13,13 @@ sequences side by side: each step loads ``BLOCK_N / GROUP`` positions of every r
 and the logits between a query and the keys of another region of the tile are masked
 (block-diagonal). Online softmax in base 2; the log-sum-exp is saved.
 
-Backward, flash-attention style, ``delta = rowsum(dO * O) - dLSE`` precomputed: one kernel with the
-forward's programs recomputes ``P`` from the log-sum-exp and accumulates ``dQ`` in registers; ``dK``
-and ``dV`` of each step are added onto float32 buffers with atomics, because a key region is routed
-to by a data-dependent set of query regions (no static reverse map to walk).
+Backward, flash-attention style, two kernels. dQ takes the forward's programs, recomputes ``P`` from
+the log-sum-exp, accumulates ``dQ`` in registers and writes ``delta = rowsum(dO * O) - dLSE``. dK/dV
+takes one program per key tile (packed like the query tiles when regions are small) and walks the
+query regions, skipping those whose routing list does not name any of its key regions; a region
+named twice in a list counts twice (the pair's probabilities are weighted by the multiplicity). So
+the reverse map of the routing is never built, dK and dV are written once in their dtype, and no
+atomics or float32 staging buffers are needed.
 
 Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use tf32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set and exact fp32 products otherwise. Head dims (q/k
@@ -157,19 +160,21 @@ def _routing_fwd(
 # -- backward -------------------------------------------------------------------------------------
 
 @triton.jit
-def _routing_bwd(
-    Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,  #
+def _routing_bwd_dq(
+    Q, K, V, IDX, O, DO, LSE, GLSE, DELTA, DQ,  #
     stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
     stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
     stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
     stride_ob, stride_or, stride_ot, stride_oh, stride_od,  #
+    stride_gb, stride_gr, stride_gt, stride_gh, stride_gd,  #
     stride_dqb, stride_dqr, stride_dqt, stride_dqh, stride_dqd,  #
     stride_ib, stride_ir, stride_ik,  #
     HEADS, R, T, TK, L, N_MT, sm_scale, qk_scale,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, DENSE: tl.constexpr,  #
-    DOT_PREC: tl.constexpr,
+    HAS_GLSE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # the forward's programs: dQ in registers; writes delta = rowsum(dO * O) - dLSE for the dK/dV kernel
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HEADS
     h = tl.program_id(1) % HEADS
@@ -177,14 +182,18 @@ def _routing_bwd(
     r_first = _first_region(pid_m, N_MT, GROUP)
     q = _load_rows(Q, b, region_m, token_m, h, ok_m, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
                    HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO, b, region_m, token_m, h, ok_m, stride_ob, stride_or, stride_ot, stride_oh, stride_od,
+    do = _load_rows(DO, b, region_m, token_m, h, ok_m, stride_gb, stride_gr, stride_gt, stride_gh, stride_gd,
                     HEAD_DIM_V, BLOCK_DV)
+    o = _load_rows(O, b, region_m, token_m, h, ok_m, stride_ob, stride_or, stride_ot, stride_oh, stride_od,
+                   HEAD_DIM_V, BLOCK_DV)
     row_l = ((b.to(tl.int64) * R + region_m) * T + token_m) * HEADS + h
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + row_l, mask=ok_m, other=0.0)
+    tl.store(DELTA + row_l, delta, mask=ok_m)
     lse = tl.load(LSE + row_l, mask=ok_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row_l, mask=ok_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     step = BLOCK_N // GROUP
     for n0 in range(0, L, step):
         grp_n, region_n, token_n, ok_n = _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
@@ -199,23 +208,80 @@ def _routing_bwd(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-        # dK / dV (contiguous float32 [B, R, T_k, heads, D]): routed regions are shared, hence atomics
-        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * sm_scale
-        row_k = (((b.to(tl.int64) * R + region_n) * TK + token_n) * HEADS + h)
-        tl.atomic_add(DV + row_k[:, None] * HEAD_DIM_V + offs_dv[None, :], dv_part,
-                      mask=ok_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-        tl.atomic_add(DK + row_k[:, None] * HEAD_DIM + offs_d[None, :], dk_part,
-                      mask=ok_n[:, None] & (offs_d[None, :] < HEAD_DIM))
     row_q = b.to(tl.int64) * stride_dqb + region_m.to(tl.int64) * stride_dqr + token_m * stride_dqt + h * stride_dqh
     tl.store(DQ + row_q[:, None] + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=ok_m[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def _routing_bwd_dkdv(
+    Q, K, V, IDX, DO, LSE, DELTA, DK, DV,  #
+    stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
+    stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
+    stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
+    stride_gb, stride_gr, stride_gt, stride_gh, stride_gd,  #
+    stride_dkb, stride_dkr, stride_dkt, stride_dkh, stride_dkd,  #
+    stride_dvb, stride_dvr, stride_dvt, stride_dvh, stride_dvd,  #
+    stride_ib, stride_ir, stride_ik,  #
+    HEADS, R, T, TK, TOPK, N_KT, N_QC, N_QT, sm_scale, qk_scale,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_Q: tl.constexpr,  #
+    DENSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # One program owns a tile of keys (BLOCK_M keys of one region, or GROUP_K whole small regions)
+    # and walks every query chunk (BLOCK_N queries of one region, or GROUP_Q small regions), skipping
+    # chunks that route to none of its regions. The multiplicity of each (key region, query region)
+    # pair (how often the region appears in the query region's list: duplicates count) weights the
+    # pair's probabilities, so dK and dV are written once, in their dtype, without atomics.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    grp_k, region_k, token_k, ok_k = _query_rows(pid_m, N_KT, R, TK, GROUP_K, BLOCK_M)
+    k = _load_rows(K, b, region_k, token_k, h, ok_k, stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,
+                   HEAD_DIM, BLOCK_D)
+    v = _load_rows(V, b, region_k, token_k, h, ok_k, stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,
+                   HEAD_DIM_V, BLOCK_DV)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for c in range(0, N_QC):
+        grp_q, region_q, token_q, ok_q = _query_rows(c, N_QT, R, T, GROUP_Q, BLOCK_N)
+        if DENSE:
+            mult = (ok_k[:, None] & ok_q[None, :]).to(tl.float32)
+        else:
+            count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for j in range(0, TOPK):
+                routed = tl.load(IDX + b * stride_ib + region_q * stride_ir + j * stride_ik, mask=ok_q, other=-1)
+                count += (routed[None, :] == region_k[:, None]).to(tl.int32)
+            mult = tl.where(ok_k[:, None] & ok_q[None, :], count, 0).to(tl.float32)
+        if tl.max(tl.max(mult, 1), 0) > 0:
+            q = _load_rows(Q, b, region_q, token_q, h, ok_q, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                           HEAD_DIM, BLOCK_D)
+            do = _load_rows(DO, b, region_q, token_q, h, ok_q, stride_gb, stride_gr, stride_gt, stride_gh,
+                            stride_gd, HEAD_DIM_V, BLOCK_DV)
+            row_l = ((b.to(tl.int64) * R + region_q) * T + token_q) * HEADS + h
+            lse = tl.load(LSE + row_l, mask=ok_q, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row_l, mask=ok_q, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            pt = tl.where(mult > 0, tl.math.exp2(st - lse[None, :]), 0.0) * mult
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row = b.to(tl.int64) * stride_dkb + region_k.to(tl.int64) * stride_dkr + token_k * stride_dkt + h * stride_dkh
+    tl.store(DK + row[:, None] + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=ok_k[:, None] & (offs_d[None, :] < HEAD_DIM))
+    row = b.to(tl.int64) * stride_dvb + region_k.to(tl.int64) * stride_dvr + token_k * stride_dvt + h * stride_dvh
+    tl.store(DV + row[:, None] + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=ok_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
 # -- host side ------------------------------------------------------------------------------------
 
 _FWD = Launcher(_routing_fwd)
-_BWD = Launcher(_routing_bwd)
+_DQ = Launcher(_routing_bwd_dq)
+_DKDV = Launcher(_routing_bwd_dkdv)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -231,6 +297,23 @@ def _tiles(T: int, Tk: int, L: int) -> tuple[int, int, int, int]:
         group = 16 // triton.next_power_of_2(T)
         return 16, 64, group, 4
     return min(64, _pow2(T)), 64, 1, 4
+
+
+def _kv_tiles(T: int, Tk: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, GROUP_K, BLOCK_N, GROUP_Q, num_warps)`` of the dK/dV kernel: its key tile (as
+    :func:`_tiles` packs query tiles) and the query chunk it takes per step (``GROUP_Q`` small
+    regions packed, or up to 64 queries of one region). Tests replace it to force other tilings."""
+    if Tk <= 8:
+        group_k = 16 // triton.next_power_of_2(Tk)
+        block_m = 16
+    else:
+        group_k, block_m = 1, min(64, _pow2(Tk))
+    if T <= 8:
+        group_q = 16 // triton.next_power_of_2(T)
+        block_n = 16
+    else:
+        group_q, block_n = 1, min(64, _pow2(T))
+    return block_m, group_k, block_n, group_q, 4
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -287,20 +370,45 @@ def routing_triton_fwd(q, k, v, indices, scale: float):
 
 
 def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: float):
-    """``(dq, dk, dv)``; see ``foveal::routed_attention_bwd``."""
+    """``(dq, dk, dv)``; see ``foveal::routed_attention_bwd``.
+
+    Two launches: dQ (the forward's programs, which also write ``delta``) and dK/dV (one program
+    per key tile, over the query regions routed to it); no atomics, no float32 staging copies.
+    """
     B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps = _plan(q, k, v, indices)
+    dense = indices is None
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     lse = lse.contiguous()
-    args = (q, k, v, idx, grad_out, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-            *grad_out.stride(), *dq.stride(), *idx.stride(), heads, R, T, Tk, L, n_mt, scale, scale * _LOG2E, *consts)
+    glse = lse if grad_lse is None else grad_lse.float().contiguous()
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    args = (q, k, v, idx, out, grad_out, lse, glse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), *grad_out.stride(), *dq.stride(), *idx.stride(), heads, R, T, Tk, L, n_mt, scale,
+            scale * _LOG2E, *consts[:-1], grad_lse is not None, consts[-1])
+    block_m, group_k, block_n, group_q, kv_warps = _kv_tiles(T, Tk)
+    if group_k > 1:
+        n_kt, n_kprog = 1, triton.cdiv(R, group_k)
+        block_m = _pow2(group_k * Tk, block_m)
+    else:
+        n_kt = triton.cdiv(Tk, block_m)
+        n_kprog = R * n_kt
+    if group_q > 1:
+        n_qt, n_qc = 1, triton.cdiv(R, group_q)
+        block_n = _pow2(group_q * T, block_n)
+    else:
+        n_qt = triton.cdiv(T, block_n)
+        n_qc = R * n_qt
+    topk = R if dense else indices.shape[-1]
+    kv_consts = (*consts[:4], block_m, group_k, block_n, group_q, dense, consts[-1])
+    kv_args = (q, k, v, idx, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+               *grad_out.stride(), *dk.stride(), *dv.stride(), *idx.stride(), heads, R, T, Tk, topk, n_kt, n_qc,
+               n_qt, scale, scale * _LOG2E, *kv_consts)
     with on_device(q.device):
-        _BWD((n_prog, B * heads), args,
-             _key("bwd", q, k, v, idx, grad_out, dq, lse, delta, extra=(heads, R, T, Tk, L) + consts),
-             num_warps=warps, num_stages=2)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+        _DQ((n_prog, B * heads), args,
+            _key("dq", q, k, v, idx, out, grad_out, dq, lse, glse, extra=(heads, R, T, Tk, L) + consts),
+            num_warps=warps, num_stages=2)
+        _DKDV((n_kprog, B * heads), kv_args,
+              _key("dkdv", q, k, v, idx, grad_out, dk, dv, lse, extra=(heads, R, T, Tk, topk, n_kt, n_qc, n_qt)
+                   + kv_consts), num_warps=kv_warps, num_stages=2)
+    return dq, dk, dv

@@ -61,6 +61,35 @@ def test_triton_forced_tiles(case, tiles, monkeypatch):
     check_against_oracle(case, "triton", torch.float32, 2e-4)
 
 
+@interpreter
+@pytest.mark.parametrize("kv_tiles", [(16, 1, 16, 1, 4), (16, 4, 16, 2, 4), (32, 2, 16, 4, 4)], ids=str)
+@pytest.mark.parametrize("case", random_cases(3, seed=11), ids=case_id)
+def test_triton_forced_kv_tiles(case, kv_tiles, monkeypatch):
+    """The dK/dV kernel with several key tiles or query chunks per region, and packed regions."""
+    if max(case["Tk"] * kv_tiles[1], case["T"] * kv_tiles[3]) > 64 and (kv_tiles[1] > 1 or kv_tiles[3] > 1):
+        pytest.skip("packed tiles hold small regions only")
+    monkeypatch.setattr(rt, "_kv_tiles", lambda T, Tk: kv_tiles)
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+
+
+@interpreter
+@pytest.mark.parametrize("T", [3, 20], ids=lambda t: f"T{t}")
+def test_triton_duplicate_indices(T):
+    """A region named twice in a routing list counts twice in the forward and in every gradient."""
+    g = torch.Generator().manual_seed(5)
+    B, R, heads, D = 2, 5, 2, 8
+    q, k, v = (torch.randn(B, R, T, heads, D, generator=g) for _ in range(3))
+    idx = torch.randint(0, 2, (B, R, 3), generator=g)  # many repeats of regions 0 and 1
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = routed_attention(*leaves, idx, backend="triton")
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = oracle(*ref_leaves, idx)[0]
+    torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-4)
+    go = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, ref_leaves, go.double())):
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4)
+
+
 # bfloat16 runs on the GPU only: the interpreter's emulated bfloat16 products are not a reference
 @interpreter
 def test_triton_fp16_and_large_region(monkeypatch):
