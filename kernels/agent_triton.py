@@ -380,7 +380,7 @@ def _programs_wanted(device: torch.device) -> int:
 def _tiles(block_a: int, block_d: int) -> tuple[int, int, int]:
     """``(BLOCK_N of stage 1's forward, BLOCK_M of the token tiles, num_warps)``; ``block_d`` counts
     16-bit elements (a float32 head dim counts twice); tests replace it."""
-    if block_a * block_d >= 256 * 128:  # e.g. 196+ float32 agents of head dim 64: 32-row tiles overflow shared memory
+    if block_a * block_d >= 256 * 64:  # 196+ agents: 32-row tiles overflow shared memory from float32 head dim 32
         return 16, 16, 8
     if block_a >= 128 or block_d >= 128:
         return 32, 32, 8
@@ -483,9 +483,7 @@ def agent_triton_bwd(grad_out, q, k, v, agents, bias_ak, bias_qa, va, lse_agent,
     B, N, heads, _ = q.shape
     D, Dv, n, block_a, block_d, block_dv, block_n, block_m, warps = _consts(q, v, agents)
     prec = _dot_precision(q.dtype)
-    dq = q.new_empty(q.shape)
-    dk = k.new_empty(k.shape)
-    dv = v.new_empty(v.shape)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the fake's layouts
     da = q.new_zeros(B, heads, n, D, dtype=torch.float32)
     dva = q.new_zeros(B, heads, n, Dv, dtype=torch.float32)
     n_tiles = triton.cdiv(N, block_m)
@@ -512,5 +510,13 @@ def agent_triton_bwd(grad_out, q, k, v, agents, bias_ak, bias_qa, va, lse_agent,
                 scale * _LOG2E, *consts)
         _BWD_TOKENS(grid, args, _key("bwd1", k, v, agents, bak, dk, dv, extra=plan + consts),
                     num_warps=warps, num_stages=2)
-    return (dq, dk, dv, da.transpose(1, 2).to(agents.dtype),
-            None if dbak is None else dbak.to(bias_ak.dtype), None if dbqa is None else dbqa.to(bias_qa.dtype))
+    return (dq, dk, dv, _like(da.transpose(1, 2), agents), None if dbak is None else _like(dbak, bias_ak),
+            None if dbqa is None else _like(dbqa, bias_qa))
+
+
+def _like(grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``grad`` in the dtype and strides of ``torch.empty_like(ref)``, as the op's fake promises."""
+    out = torch.empty_like(ref)
+    if out.dtype == grad.dtype and out.stride() == grad.stride():
+        return grad
+    return out.copy_(grad)

@@ -377,9 +377,7 @@ def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: fl
     """
     B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps = _plan(q, k, v, indices)
     dense = indices is None
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the fake's layouts
     lse = lse.contiguous()
     glse = lse if grad_lse is None else grad_lse.float().contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
