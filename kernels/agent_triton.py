@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_device_reason
-from .launch import Launcher, aligned, interpreting, on_device
+from .launch import INTERPRETING, Launcher, aligned, on_device
 from .neighborhood_reference import lse_dtype
 
 __all__ = ["agent_triton_probe", "agent_triton_fwd", "agent_triton_bwd", "MAX_HEAD_DIM", "MAX_AGENTS"]
@@ -48,8 +48,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    # fixed when triton is imported; read as a constant, so dynamo never inspects a kernel object
-    return _INTERPRETING
+    return INTERPRETING  # a constant (see foveal.kernels.launch)
 
 
 # -- device helpers -------------------------------------------------------------------------------
@@ -360,21 +359,25 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT: dict = {}
 
 
-_INTERPRETING = interpreting(_agent_fwd_queries)
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def _programs_wanted(device: torch.device) -> int:
-    """About two waves of programs on the device (a fixed number under the interpreter)."""
+# programs wanted per SM: stage 1's forward splits, and the backward's batch groups / tile runs
+_FWD_WAVES = 2
+_BWD_WAVES = 2
+
+
+def _programs_wanted(device: torch.device, waves: int) -> int:
+    """About ``waves`` programs per SM on the device (a fixed number under the interpreter)."""
     if device.type != "cuda":
         return 8
     count = _SM_COUNT.get(device.index)
     if count is None:
         count = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 2 * count
+    return waves * count
 
 
 def _tiles(block_a: int, block_d: int) -> tuple[int, int, int]:
@@ -436,7 +439,7 @@ def agent_triton_fwd(q, k, v, agents, bias_ak, bias_qa, scale: float):
     lse_q = q.new_empty(B, heads, N, dtype=ld)
     # stage 1: enough token splits to fill the device
     steps = triton.cdiv(N, block_n)
-    splits = max(1, min(steps, triton.cdiv(_programs_wanted(q.device), B * heads)))
+    splits = max(1, min(steps, triton.cdiv(_programs_wanted(q.device, _FWD_WAVES), B * heads)))
     split_len = triton.cdiv(steps, splits) * block_n
     splits = triton.cdiv(N, split_len)
     if splits > 1:
@@ -467,7 +470,7 @@ def agent_triton_fwd(q, k, v, agents, bias_ak, bias_qa, scale: float):
 
 def _bwd_grid(B: int, heads: int, n_tiles: int, device: torch.device):
     """``(grid, tiles per program, batch elements per group, one batch per group)``."""
-    wanted = _programs_wanted(device)
+    wanted = _programs_wanted(device, _BWD_WAVES)
     if B >= 8:  # many batch elements: one tile per program, the batch split into groups
         groups = max(1, min(B, triton.cdiv(wanted, n_tiles * heads)))
         group_b = triton.cdiv(B, groups)

@@ -2,11 +2,12 @@
 
 Algorithm. One program owns ``BLOCK_M`` queries of one query block (``(b / s)^2`` queries, row
 major; a block larger than ``BLOCK_M`` takes several programs) of one (batch, head). It walks its
-``win x win`` window (``win = b + 2h``) one window row at a time: a row is ``win`` keys, padded to
-``BLOCK_N``, read straight from the key map (no unfolded copy of the windows exists anywhere).
-Window positions off the map load as zero keys and values and are *not* masked: their logit is
-the positional term alone, as in timm's zero-padded layer; only the ``BLOCK_N - win`` padding
-slots of a row are masked. Online softmax in base 2; the log-sum-exp is saved.
+``win x win`` window (``win = b + 2h``) a few window rows at a time: a step is ``ROWS`` rows of
+``win`` keys, each padded to a power of two (``ROWS`` up to a 64-key tile: HaloNet's 14-key rows
+alone would leave the tensor cores mostly idle), read straight from the key map (no unfolded copy
+of the windows exists anywhere). Window positions off the map load as zero keys and values and
+are *not* masked: their logit is the positional term alone, as in timm's zero-padded layer; only
+the padding slots of a row (and the rows past the window) are masked. Online softmax in base 2; the log-sum-exp is saved.
 
 Positional logits are decomposed (BoTNet): ``<q, rel_h[ky - qy + win - 1]> + <q, rel_w[kx - qx +
 win - 1]>``. Both products against the whole tables, ``q @ rel^T`` (``[queries, 2win - 1]`` each,
@@ -18,8 +19,8 @@ Backward, flash-attention style, ``delta = rowsum(dO * O) - dLSE`` precomputed:
 
 - ``_halo_bwd_dq`` (query programs, as the forward) recomputes ``P`` from the log-sum-exp,
   accumulates ``dQ`` and the gradients of the two positional tables' products: per query, the
-  height gradient of window row ``ky`` is the row sum of ``dS`` (one store, each table slot is hit
-  by exactly one row) and the width gradient sums ``dS`` over rows (one store at the end). The
+  height gradient of window row ``ky`` is the row sum of ``dS`` over that row's slots of the step
+  (one store, each table slot is hit by exactly one row) and the width gradient sums ``dS`` over rows (one store at the end). The
   host turns them into ``dq`` and ``drel`` with two small matmuls: no atomics.
 - ``_halo_bwd_dkdv`` (key programs: ``BLOCK_N`` keys of one key block) visits the query blocks
   whose windows contain its keys (the block itself and ``ceil(h / b)`` neighbours per side),
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_device_reason
-from .launch import Launcher, aligned, interpreting, on_device
+from .launch import INTERPRETING, Launcher, aligned, on_device
 from .neighborhood_reference import lse_dtype
 
 __all__ = ["halo_triton_probe", "halo_triton_fwd", "halo_triton_bwd", "MAX_HEAD_DIM", "MAX_WINDOW"]
@@ -50,7 +51,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    return interpreting(_halo_fwd)
+    return INTERPRETING  # a constant (see foveal.kernels.launch)
 
 
 # -- device helpers -------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def _halo_fwd(
     HEADS, H, W, NBX, BQ, N_MT, scale_log2,  #
     BLOCK: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr, HAS_REL: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b_idx, h_idx = (pid_bh // HEADS).to(tl.int64), pid_bh % HEADS
@@ -91,30 +92,36 @@ def _halo_fwd(
     q_row = b_idx * stride_qb + gy * stride_qy + gx * stride_qx + h_idx * stride_qh
     q = _load_rows(Q, q_row, m_ok, stride_qd, HEAD_DIM, BLOCK_D)  # q stays in registers
 
+    # a step takes ROWS window rows, each padded to WP = BLOCK_N // ROWS slots
+    WP: tl.constexpr = BLOCK_N // ROWS
     offs_n = tl.arange(0, BLOCK_N)
-    n_ok = offs_n < WIN
+    row, col = offs_n // WP, offs_n % WP
+    col_ok = col < WIN
     y0, x0 = by * BLOCK - HALO, bx * BLOCK - HALO  # window origin on the key map
-    ax = x0 + offs_n
-    col_in = n_ok & (ax >= 0) & (ax < W)
+    ax = x0 + col
     rel_row = ((b_idx * (H // BLOCK * BQ) + gy) * (W // BLOCK * BQ) + gx) * HEADS + h_idx  # QR* row of the query
+    rel_base = rel_row[:, None] * (2 * WIN - 1) + WIN - 1
     if HAS_REL:
-        # width term: the same [BLOCK_M, BLOCK_N] tile on every window row
-        pos_w = tl.load(QRW + rel_row[:, None] * (2 * WIN - 1) + offs_n[None, :] - qx[:, None] + WIN - 1,
-                        mask=m_ok[:, None] & n_ok[None, :], other=0.0) * 1.4426950408889634
+        # width term: the same [BLOCK_M, BLOCK_N] tile on every step
+        pos_w = tl.load(QRW + rel_base + col[None, :] - qx[:, None], mask=m_ok[:, None] & col_ok[None, :],
+                        other=0.0) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for ky in range(WIN):
+    for ky0 in range(0, WIN, ROWS):
+        ky = ky0 + row
+        n_ok = col_ok & (ky < WIN)
         ay = y0 + ky
-        inside = col_in & (ay >= 0) & (ay < H)  # off-map keys and values load as 0, not masked
+        inside = n_ok & (ax >= 0) & (ax < W) & (ay >= 0) & (ay < H)  # off-map keys and values load as 0, not masked
         k = _load_rows(K, b_idx * stride_kb + ay * stride_ky + ax * stride_kx + h_idx * stride_kh, inside,
                        stride_kd, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         if HAS_REL:
-            pos_h = tl.load(QRH + rel_row * (2 * WIN - 1) + ky - qy + WIN - 1, mask=m_ok, other=0.0)
-            s += pos_h[:, None] * 1.4426950408889634 + pos_w
-        s = tl.where(n_ok[None, :], s, float("-inf"))  # only the padding slots of the row
+            pos_h = tl.load(QRH + rel_base + ky[None, :] - qy[:, None], mask=m_ok[:, None] & n_ok[None, :],
+                            other=0.0)
+            s += pos_h * 1.4426950408889634 + pos_w
+        s = tl.where(n_ok[None, :], s, float("-inf"))  # only the padding slots
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -144,7 +151,7 @@ def _halo_bwd_dq(
     HEADS, H, W, NBX, BQ, N_MT, scale, scale_log2,  #
     BLOCK: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr, HAS_REL: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # dO and dQ are [B, Hq, Wq, heads, D*] with the strides stride_o* (dQ: contiguous, like dO's copy)
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -159,42 +166,50 @@ def _halo_bwd_dq(
     lse2 = tl.load(LSE + rel_row, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + rel_row, mask=m_ok, other=0.0)
 
+    WP: tl.constexpr = BLOCK_N // ROWS
     offs_n = tl.arange(0, BLOCK_N)
-    n_ok = offs_n < WIN
+    row, col = offs_n // WP, offs_n % WP
+    col_ok = col < WIN
     y0, x0 = by * BLOCK - HALO, bx * BLOCK - HALO
-    ax = x0 + offs_n
-    col_in = n_ok & (ax >= 0) & (ax < W)
-    rel_cols = rel_row[:, None] * (2 * WIN - 1) + offs_n[None, :] - qx[:, None] + WIN - 1
-    rel_mask = m_ok[:, None] & n_ok[None, :]
+    ax = x0 + col
+    rel_base = rel_row[:, None] * (2 * WIN - 1) + WIN - 1
     if HAS_REL:
-        pos_w = tl.load(QRW + rel_cols, mask=rel_mask, other=0.0) * 1.4426950408889634
+        pos_w = tl.load(QRW + rel_base + col[None, :] - qx[:, None], mask=m_ok[:, None] & col_ok[None, :],
+                        other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dpos_w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for ky in range(WIN):
+    dpos_w = tl.zeros([BLOCK_M, WP], tl.float32)
+    offs_r, offs_c = tl.arange(0, ROWS), tl.arange(0, WP)
+    for ky0 in range(0, WIN, ROWS):
+        ky = ky0 + row
+        n_ok = col_ok & (ky < WIN)
         ay = y0 + ky
-        inside = col_in & (ay >= 0) & (ay < H)
+        inside = n_ok & (ax >= 0) & (ax < W) & (ay >= 0) & (ay < H)
         k = _load_rows(K, b_idx * stride_kb + ay * stride_ky + ax * stride_kx + h_idx * stride_kh, inside,
                        stride_kd, HEAD_DIM, BLOCK_D)
         v = _load_rows(V, b_idx * stride_vb + ay * stride_vy + ax * stride_vx + h_idx * stride_vh, inside,
                        stride_vd, HEAD_DIM_V, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         if HAS_REL:
-            pos_h = tl.load(QRH + rel_row * (2 * WIN - 1) + ky - qy + WIN - 1, mask=m_ok, other=0.0)
-            s += pos_h[:, None] * 1.4426950408889634 + pos_w
+            pos_h = tl.load(QRH + rel_base + ky[None, :] - qy[:, None], mask=m_ok[:, None] & n_ok[None, :],
+                            other=0.0)
+            s += pos_h * 1.4426950408889634 + pos_w
         p = tl.where(n_ok[None, :] & m_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if HAS_REL:
-            # each (query, height slot) is hit by exactly one window row: a plain store
-            tl.store(DQRH + rel_row * (2 * WIN - 1) + ky - qy + WIN - 1, tl.sum(ds, 1), mask=m_ok)
-            dpos_w += ds
+            ds3 = tl.reshape(ds, (BLOCK_M, ROWS, WP))
+            # each (query, height slot) is hit by exactly one window row: a plain store of the row sums
+            rows_h = ky0 + offs_r
+            tl.store(DQRH + rel_base + rows_h[None, :] - qy[:, None], tl.sum(ds3, 2),
+                     mask=m_ok[:, None] & (rows_h[None, :] < WIN))
+            dpos_w += tl.sum(ds3, 1)
     offs_d = tl.arange(0, BLOCK_D)
     dq_row = (b_idx * (H // BLOCK * BQ) * (W // BLOCK * BQ) + gy * (W // BLOCK * BQ) + gx) * HEADS * HEAD_DIM + h_idx * HEAD_DIM
     tl.store(DQ + dq_row[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     if HAS_REL:
-        tl.store(DQRW + rel_cols, dpos_w, mask=rel_mask)
+        tl.store(DQRW + rel_base + offs_c[None, :] - qx[:, None], dpos_w, mask=m_ok[:, None] & (offs_c[None, :] < WIN))
 
 
 @triton.jit
@@ -284,6 +299,17 @@ def _tiles(queries: int, keys: int, win: int) -> tuple[int, int, int]:
     return block_m, block_n, 4 if block_m <= 64 else 8
 
 
+def _rows(win: int) -> int:
+    """Window rows per step of the query kernels: rows padded to a power of two, stacked up to a
+    64-key tile (one 16-slot row per step leaves the tensor cores mostly idle). Tests replace it."""
+    return max(1, 64 // _pow2(win))
+
+
+def _row_step(win: int) -> dict:
+    rows = _rows(win)
+    return dict(BLOCK_N=rows * _pow2(win), ROWS=rows)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -345,7 +371,7 @@ def halo_triton_fwd(q, k, v, rel_h, rel_w, block_size: int, halo_size: int, stri
         return out.zero_(), lse.fill_(float("-inf"))
     has_rel = rel_h is not None
     qrh, qrw = _rel_products(q, rel_h, rel_w, scale, scale_rel) if has_rel else (lse, lse)
-    consts = _constexprs(_FWD, **geo, HAS_REL=has_rel, BLOCK_N=_pow2(win))
+    consts = _constexprs(_FWD, **geo, HAS_REL=has_rel, **_row_step(win))
     args = (q, k, v, qrh, qrw, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, H, W, W // block_size, bq, n_mt, scale * _LOG2E, *consts)
     with on_device(q.device):
@@ -376,7 +402,7 @@ def halo_triton_bwd(grad_out, q, k, v, rel_h, rel_w, out, lse, grad_lse, block_s
     else:
         qrh = qrw = dqrh = dqrw = delta
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    consts = _constexprs(_DQ, **geo, HAS_REL=has_rel, BLOCK_N=_pow2(win))
+    consts = _constexprs(_DQ, **geo, HAS_REL=has_rel, **_row_step(win))
     with on_device(q.device):
         args = (q, k, v, qrh, qrw, grad_out, lse, delta, dq, dqrh, dqrw, *strides,
                 heads, H, W, W // block_size, bq, n_mt, scale, scale * _LOG2E, *consts)

@@ -27,7 +27,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["Launcher", "aligned", "interpreting", "on_device", "persistent", "raw_stream"]
+__all__ = ["INTERPRETING", "Launcher", "aligned", "interpreting", "on_device", "persistent", "raw_stream"]
 
 try:  # Triton >= 3.4 keeps the launch hooks in knobs; older releases on CompiledKernel
     from triton import knobs as _knobs
@@ -49,10 +49,21 @@ def _hooked() -> bool:
     return False
 
 
-def interpreting(fn) -> bool:
-    """True when ``fn`` (a ``@triton.jit`` kernel) runs in Triton's interpreter."""
-    # Triton fixes interpreter mode when it is imported (its own library is jit-decorated too)
-    return isinstance(fn, InterpretedFunction)
+@triton.jit
+def _mode_probe():
+    pass
+
+
+# Triton fixes interpreter mode when it is imported (its own library is jit-decorated too), so the
+# mode is a constant: ops read it as one, and dynamo never inspects a kernel object while tracing a
+# model (an ``isinstance`` on a kernel there is a graph break, and per-block graph breaks make a
+# compiled model recompile each block until it falls back to eager)
+INTERPRETING: bool = isinstance(_mode_probe, InterpretedFunction)
+
+
+def interpreting(fn=None) -> bool:
+    """True when Triton's interpreter runs the kernels (``TRITON_INTERPRET=1`` before triton was imported)."""
+    return INTERPRETING
 
 
 def raw_stream(device_index: int) -> int:
@@ -95,7 +106,7 @@ class Launcher:
                          None, None, None, *args)
             return
         kernel = self.fn[tuple(grid)](*args, **options)
-        if compiled is None and not interpreting(self.fn) and kernel is not None:
+        if compiled is None and not INTERPRETING and kernel is not None:
             self._compiled[key] = _Compiled(kernel)
 
     def cache_size(self) -> int:

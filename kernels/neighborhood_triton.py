@@ -59,7 +59,7 @@ import triton.language as tl
 from . import neighborhood_tables as tables
 from .backends import logger
 from .dispatch import env
-from .launch import Launcher, aligned, interpreting, on_device, persistent
+from .launch import INTERPRETING, Launcher, aligned, on_device, persistent
 from .neighborhood_reference import lse_dtype
 
 __all__ = ["na_triton_probe", "na_triton_fwd", "na_triton_bwd", "MAX_HEAD_DIM", "MAX_RPB_SPAN", "MAX_RPB_ROW"]
@@ -72,7 +72,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    return interpreting(_na_fwd)
+    return INTERPRETING  # a constant (see foveal.kernels.launch)
 
 
 # -- device helpers -------------------------------------------------------------------------------

@@ -32,9 +32,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
-from .launch import Launcher
+from .launch import INTERPRETING, Launcher
 
 __all__ = ["add_layer_norm_triton_probe", "add_layer_norm_triton_fwd", "add_layer_norm_triton_bwd", "MAX_C"]
 
@@ -43,8 +42,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
-    # Triton fixes interpreter mode when it is imported (its own library is jit-decorated too)
-    return isinstance(_add_ln_fwd, InterpretedFunction)
+    return INTERPRETING  # a constant (see foveal.kernels.launch)
 
 
 # -- device helpers -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_device_reason
-from .launch import Launcher, aligned, interpreting, on_device
+from .launch import INTERPRETING, Launcher, aligned, on_device
 from .neighborhood_reference import lse_dtype
 
 __all__ = ["routing_triton_probe", "routing_triton_fwd", "routing_triton_bwd", "MAX_HEAD_DIM"]
@@ -43,7 +43,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    return interpreting(_routing_fwd)
+    return INTERPRETING  # a constant (see foveal.kernels.launch)
 
 
 # -- device helpers -------------------------------------------------------------------------------

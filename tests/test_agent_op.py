@@ -263,7 +263,7 @@ def test_triton_matches_oracle_fp32(case):
                                   dict(B=8, N=40, n=19, heads=2, D=16, Dv=16, biases=(False, True))], ids=case_id)
 def test_triton_forced_plans(case, tiles, wanted, monkeypatch):
     monkeypatch.setattr(at, "_tiles", lambda block_a, block_d: tiles)
-    monkeypatch.setattr(at, "_programs_wanted", lambda device: wanted)
+    monkeypatch.setattr(at, "_programs_wanted", lambda device, waves: wanted)
     check_against_oracle(case, "triton", torch.float32, 2e-4)
 
 

@@ -99,11 +99,13 @@ CASES = [dict(zip(_KEYS, c)) for c in [
 ]] + _cases(3, seed=5)
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
+@pytest.fixture(params=[1, 2, 8], ids=lambda r: f"rows{r}")
+def small_tiles(monkeypatch, request):
     # several programs per query block, several key tiles per key block (the interpreter has no
-    # tensor-core minimums)
+    # tensor-core minimums), and 1, 2 or 8 window rows per step of the query kernels (8: past the
+    # window's last row)
     monkeypatch.setattr(ht, "_tiles", lambda queries, keys, win: (4, 8, 4))
+    monkeypatch.setattr(ht, "_rows", lambda win: request.param)
 
 
 @interpreter
