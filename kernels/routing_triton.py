@@ -77,22 +77,41 @@ def _first_region(pid_m, N_MT, GROUP: tl.constexpr):
 
 @triton.jit
 def _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
-              DENSE: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    # the step's key columns: (group inside the tile, key region, key token, valid)
+              SHARED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the step's key columns: (group inside the tile, key region, key token, valid). SHARED: every
+    # row of the tile walks the same key sequence, all regions in order (dense or masked-dense)
     offs_n = tl.arange(0, BLOCK_N)
-    if GROUP == 1:
+    if SHARED:
         grp = offs_n * 0
         pos = n0 + offs_n
-    else:
-        grp = offs_n // (BLOCK_N // GROUP)
-        pos = n0 + offs_n % (BLOCK_N // GROUP)
-    q_region = r_first + grp
-    ok = (pos < L) & (q_region < R)
-    if DENSE:
+        ok = pos < L
         region = pos // TK
     else:
+        if GROUP == 1:
+            grp = offs_n * 0
+            pos = n0 + offs_n
+        else:
+            grp = offs_n // (BLOCK_N // GROUP)
+            pos = n0 + offs_n % (BLOCK_N // GROUP)
+        q_region = r_first + grp
+        ok = (pos < L) & (q_region < R)
         region = tl.load(IDX + b * stride_ib + q_region * stride_ir + (pos // TK) * stride_ik, mask=ok, other=0)
     return grp, region, pos % TK, ok
+
+
+@triton.jit
+def _pair_logits(s, ok_m, region_m, grp_m, ok_n, region_n, grp_n, b, MULT, R,
+                 SHARED: tl.constexpr, MASKED: tl.constexpr):
+    # base-2 logits with the pair mask applied: block-diagonal for packed routed tiles; on the
+    # masked-dense path the key region's multiplicity in the query region's list (0: not routed)
+    # enters as log2(count) (a region named twice counts twice)
+    if MASKED:
+        count = tl.load(MULT + (b.to(tl.int64) * R + region_m[:, None]) * R + region_n[None, :],
+                        mask=ok_m[:, None] & ok_n[None, :], other=0).to(tl.float32)
+        return tl.where(count > 0, s + tl.math.log2(tl.maximum(count, 1.0)), float("-inf"))
+    if SHARED:
+        return tl.where(ok_n[None, :], s, float("-inf"))
+    return tl.where(ok_n[None, :] & (grp_m[:, None] == grp_n[None, :]), s, float("-inf"))
 
 
 @triton.jit
@@ -108,7 +127,7 @@ def _load_rows(ptr, b, region, token, h, ok, stride_b, stride_r, stride_t, strid
 
 @triton.jit
 def _routing_fwd(
-    Q, K, V, IDX, O, LSE,  #
+    Q, K, V, IDX, MULT, O, LSE,  #
     stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
     stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
     stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
@@ -117,8 +136,9 @@ def _routing_fwd(
     HEADS, R, T, TK, L, N_MT, qk_scale,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, DENSE: tl.constexpr,  #
-    DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    SHARED: tl.constexpr = DENSE or MASKED
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HEADS
     h = tl.program_id(1) % HEADS
@@ -129,17 +149,16 @@ def _routing_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked padding rows stay NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    step = BLOCK_N // GROUP
+    step = BLOCK_N if SHARED else BLOCK_N // GROUP
     for n0 in range(0, L, step):
         grp_n, region_n, token_n, ok_n = _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
-                                                   DENSE, GROUP, BLOCK_N)
+                                                   SHARED, GROUP, BLOCK_N)
         k = _load_rows(K, b, region_n, token_n, h, ok_n, stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,
                        HEAD_DIM, BLOCK_D)
         v = _load_rows(V, b, region_n, token_n, h, ok_n, stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,
                        HEAD_DIM_V, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        valid = ok_n[None, :] & (grp_m[:, None] == grp_n[None, :])
-        s = tl.where(valid, s, float("-inf"))
+        s = _pair_logits(s, ok_m, region_m, grp_m, ok_n, region_n, grp_n, b, MULT, R, SHARED, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -161,7 +180,7 @@ def _routing_fwd(
 
 @triton.jit
 def _routing_bwd_dq(
-    Q, K, V, IDX, O, DO, LSE, GLSE, DELTA, DQ,  #
+    Q, K, V, IDX, MULT, O, DO, LSE, GLSE, DELTA, DQ,  #
     stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
     stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
     stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
@@ -172,8 +191,9 @@ def _routing_bwd_dq(
     HEADS, R, T, TK, L, N_MT, sm_scale, qk_scale,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, DENSE: tl.constexpr,  #
-    HAS_GLSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_GLSE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    SHARED: tl.constexpr = DENSE or MASKED
     # the forward's programs: dQ in registers; writes delta = rowsum(dO * O) - dLSE for the dK/dV kernel
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HEADS
@@ -194,17 +214,17 @@ def _routing_bwd_dq(
     lse = tl.load(LSE + row_l, mask=ok_m, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    step = BLOCK_N // GROUP
+    step = BLOCK_N if SHARED else BLOCK_N // GROUP
     for n0 in range(0, L, step):
         grp_n, region_n, token_n, ok_n = _key_cols(n0, r_first, b, IDX, stride_ib, stride_ir, stride_ik, R, TK, L,
-                                                   DENSE, GROUP, BLOCK_N)
+                                                   SHARED, GROUP, BLOCK_N)
         k = _load_rows(K, b, region_n, token_n, h, ok_n, stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,
                        HEAD_DIM, BLOCK_D)
         v = _load_rows(V, b, region_n, token_n, h, ok_n, stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,
                        HEAD_DIM_V, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        valid = ok_m[:, None] & ok_n[None, :] & (grp_m[:, None] == grp_n[None, :])
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        s = _pair_logits(s, ok_m, region_m, grp_m, ok_n, region_n, grp_n, b, MULT, R, SHARED, MASKED)
+        p = tl.where(ok_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -215,24 +235,24 @@ def _routing_bwd_dq(
 
 @triton.jit
 def _routing_bwd_dkdv(
-    Q, K, V, IDX, DO, LSE, DELTA, DK, DV,  #
+    Q, K, V, MULT, DO, LSE, DELTA, DK, DV,  #
     stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
     stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
     stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
     stride_gb, stride_gr, stride_gt, stride_gh, stride_gd,  #
     stride_dkb, stride_dkr, stride_dkt, stride_dkh, stride_dkd,  #
     stride_dvb, stride_dvr, stride_dvt, stride_dvh, stride_dvd,  #
-    stride_ib, stride_ir, stride_ik,  #
-    HEADS, R, T, TK, TOPK, N_KT, N_QC, N_QT, sm_scale, qk_scale,  #
+    HEADS, R, T, TK, N_KT, N_QC, N_QT, sm_scale, qk_scale,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
     BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_Q: tl.constexpr,  #
     DENSE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # One program owns a tile of keys (BLOCK_M keys of one region, or GROUP_K whole small regions)
     # and walks every query chunk (BLOCK_N queries of one region, or GROUP_Q small regions), skipping
-    # chunks that route to none of its regions. The multiplicity of each (key region, query region)
-    # pair (how often the region appears in the query region's list: duplicates count) weights the
-    # pair's probabilities, so dK and dV are written once, in their dtype, without atomics.
+    # chunks that route to none of its regions. The multiplicity of each (query region, key region)
+    # pair (MULT [B, R, R]: how often the key region appears in the query region's list; duplicates
+    # count) weights the pair's probabilities, so dK and dV are written once, in their dtype,
+    # without atomics.
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HEADS
     h = tl.program_id(1) % HEADS
@@ -248,11 +268,8 @@ def _routing_bwd_dkdv(
         if DENSE:
             mult = (ok_k[:, None] & ok_q[None, :]).to(tl.float32)
         else:
-            count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-            for j in range(0, TOPK):
-                routed = tl.load(IDX + b * stride_ib + region_q * stride_ir + j * stride_ik, mask=ok_q, other=-1)
-                count += (routed[None, :] == region_k[:, None]).to(tl.int32)
-            mult = tl.where(ok_k[:, None] & ok_q[None, :], count, 0).to(tl.float32)
+            mult = tl.load(MULT + (b.to(tl.int64) * R + region_q[None, :]) * R + region_k[:, None],
+                           mask=ok_k[:, None] & ok_q[None, :], other=0).to(tl.float32)
         if tl.max(tl.max(mult, 1), 0) > 0:
             q = _load_rows(Q, b, region_q, token_q, h, ok_q, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
                            HEAD_DIM, BLOCK_D)
@@ -289,30 +306,39 @@ def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def _tiles(T: int, Tk: int, L: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, GROUP, num_warps)``. Regions of up to 8 tokens are packed ``GROUP`` to a
-    16-row tile (the smallest tensor-core tile), larger ones take tiles of up to 64 queries. Tests
-    replace this function to force other tilings."""
-    if T <= 8:
-        group = 16 // triton.next_power_of_2(T)
-        return 16, 64, group, 4
-    return min(64, _pow2(T)), 64, 1, 4
+def _pack(T: int, rows: int) -> tuple[int, int]:
+    """``(tile rows, regions per tile)``: regions of up to ``rows / 2`` tokens packed whole into a
+    ``rows``-row tile, larger ones split into tiles of up to 64 tokens."""
+    if T <= rows // 2:
+        return rows, rows // triton.next_power_of_2(T)
+    return min(64, _pow2(T)), 1
 
 
-def _kv_tiles(T: int, Tk: int) -> tuple[int, int, int, int, int]:
+def _masked(T: int, Tk: int, topk: int, R: int) -> bool:
+    """The masked-dense path: tiny regions routed to a quarter of the map or more (BiFormer's stage 3
+    at 224: 4-token regions, top-16 of 49). Every tile then walks all the keys in order with the
+    routing as a mask: a few times the routed work, but in full tensor-core tiles instead of gathered
+    4-token slivers. Tests replace it to force either path."""
+    return T <= 8 and Tk <= 8 and 4 * topk >= R
+
+
+def _tiles(T: int, Tk: int, L: int, shared: bool = False) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, GROUP, num_warps)`` of the forward and dQ kernels. Routed tiles pack
+    regions of up to 8 tokens ``GROUP`` to a 16-row tile (each region walks its own keys, side by
+    side), tiles on a shared key sequence (dense, masked-dense) pack up to 64 rows. Tests replace
+    this function to force other tilings."""
+    block_m, group = _pack(T, 64 if shared else 16)
+    return block_m, 64, group, 4
+
+
+def _kv_tiles(T: int, Tk: int, shared: bool = False) -> tuple[int, int, int, int, int]:
     """``(BLOCK_M, GROUP_K, BLOCK_N, GROUP_Q, num_warps)`` of the dK/dV kernel: its key tile (as
     :func:`_tiles` packs query tiles) and the query chunk it takes per step (``GROUP_Q`` small
-    regions packed, or up to 64 queries of one region). Tests replace it to force other tilings."""
-    if Tk <= 8:
-        group_k = 16 // triton.next_power_of_2(Tk)
-        block_m = 16
-    else:
-        group_k, block_m = 1, min(64, _pow2(Tk))
-    if T <= 8:
-        group_q = 16 // triton.next_power_of_2(T)
-        block_n = 16
-    else:
-        group_q, block_n = 1, min(64, _pow2(T))
+    regions packed, or up to 64 queries of one region); 64-row packing when the routing is dense or
+    masked-dense. Tests replace it to force other tilings."""
+    rows = 64 if shared else 16
+    block_m, group_k = _pack(Tk, rows)
+    block_n, group_q = _pack(T, rows)
     return block_m, group_k, block_n, group_q, 4
 
 
@@ -338,8 +364,9 @@ def _plan(q, k, v, indices):
     B, R, T, heads, D = q.shape
     Tk = k.shape[2]
     dense = indices is None
-    L = (R if dense else indices.shape[-1]) * Tk
-    block_m, block_n, group, warps = _tiles(T, Tk, L)
+    masked = not dense and _masked(T, Tk, indices.shape[-1], R)
+    L = (R if dense or masked else indices.shape[-1]) * Tk
+    block_m, block_n, group, warps = _tiles(T, Tk, L, shared=dense or masked)
     if group > 1:
         n_mt, n_prog = 1, triton.cdiv(R, group)
         block_m = _pow2(group * T, block_m)
@@ -347,9 +374,19 @@ def _plan(q, k, v, indices):
         n_mt = triton.cdiv(T, block_m)
         n_prog = R * n_mt
     idx = q.new_zeros(1, 1, 1, dtype=torch.int32) if dense else indices
-    consts = (D, v.shape[-1], _pow2(D), _pow2(v.shape[-1]), block_m, block_n, group, dense,
+    consts = (D, v.shape[-1], _pow2(D), _pow2(v.shape[-1]), block_m, block_n, group, dense, masked,
               _dot_precision(q.dtype))
-    return B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps
+    return B, R, T, heads, Tk, L, n_mt, n_prog, idx, masked, consts, warps
+
+
+def _multiplicity(indices: Optional[torch.Tensor], R: int, like: torch.Tensor) -> torch.Tensor:
+    """``[B, R, R]`` int32: how often key region ``j`` appears in the list of query region ``r``
+    (a 1-element placeholder when dense)."""
+    if indices is None:
+        return like.new_zeros(1, dtype=torch.int32)
+    idx = indices.long()
+    mult = torch.zeros(idx.shape[0], R, R, dtype=torch.int32, device=idx.device)
+    return mult.scatter_add_(2, idx, torch.ones(idx.shape, dtype=torch.int32, device=idx.device))
 
 
 def _key(kind, *tensors, extra=()):
@@ -358,10 +395,11 @@ def _key(kind, *tensors, extra=()):
 
 def routing_triton_fwd(q, k, v, indices, scale: float):
     """``(out, lse)``; see ``foveal::routed_attention_fwd``."""
-    B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps = _plan(q, k, v, indices)
+    B, R, T, heads, Tk, L, n_mt, n_prog, idx, masked, consts, warps = _plan(q, k, v, indices)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
-    args = (q, k, v, idx, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
+    mult = _multiplicity(indices if masked else None, R, q)
+    args = (q, k, v, idx, mult, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
             heads, R, T, Tk, L, n_mt, scale * _LOG2E, *consts)
     with on_device(q.device):
         _FWD((n_prog, B * heads), args, _key("fwd", q, k, v, idx, out, extra=(heads, R, T, Tk, L) + consts),
@@ -375,16 +413,17 @@ def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: fl
     Two launches: dQ (the forward's programs, which also write ``delta``) and dK/dV (one program
     per key tile, over the query regions routed to it); no atomics, no float32 staging copies.
     """
-    B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps = _plan(q, k, v, indices)
+    B, R, T, heads, Tk, L, n_mt, n_prog, idx, masked, consts, warps = _plan(q, k, v, indices)
     dense = indices is None
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the fake's layouts
     lse = lse.contiguous()
     glse = lse if grad_lse is None else grad_lse.float().contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    args = (q, k, v, idx, out, grad_out, lse, glse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+    mult = _multiplicity(indices, R, q)
+    args = (q, k, v, idx, mult, out, grad_out, lse, glse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
             *out.stride(), *grad_out.stride(), *dq.stride(), *idx.stride(), heads, R, T, Tk, L, n_mt, scale,
             scale * _LOG2E, *consts[:-1], grad_lse is not None, consts[-1])
-    block_m, group_k, block_n, group_q, kv_warps = _kv_tiles(T, Tk)
+    block_m, group_k, block_n, group_q, kv_warps = _kv_tiles(T, Tk, shared=dense or masked)
     if group_k > 1:
         n_kt, n_kprog = 1, triton.cdiv(R, group_k)
         block_m = _pow2(group_k * Tk, block_m)
@@ -397,16 +436,15 @@ def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: fl
     else:
         n_qt = triton.cdiv(T, block_n)
         n_qc = R * n_qt
-    topk = R if dense else indices.shape[-1]
     kv_consts = (*consts[:4], block_m, group_k, block_n, group_q, dense, consts[-1])
-    kv_args = (q, k, v, idx, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-               *grad_out.stride(), *dk.stride(), *dv.stride(), *idx.stride(), heads, R, T, Tk, topk, n_kt, n_qc,
+    kv_args = (q, k, v, mult, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+               *grad_out.stride(), *dk.stride(), *dv.stride(), heads, R, T, Tk, n_kt, n_qc,
                n_qt, scale, scale * _LOG2E, *kv_consts)
     with on_device(q.device):
         _DQ((n_prog, B * heads), args,
             _key("dq", q, k, v, idx, out, grad_out, dq, lse, glse, extra=(heads, R, T, Tk, L) + consts),
             num_warps=warps, num_stages=2)
         _DKDV((n_kprog, B * heads), kv_args,
-              _key("dkdv", q, k, v, idx, grad_out, dk, dv, lse, extra=(heads, R, T, Tk, topk, n_kt, n_qc, n_qt)
-                   + kv_consts), num_warps=kv_warps, num_stages=2)
+              _key("dkdv", q, k, v, grad_out, dk, dv, lse, extra=(heads, R, T, Tk, n_kt, n_qc, n_qt) + kv_consts),
+              num_warps=kv_warps, num_stages=2)
     return dq, dk, dv
