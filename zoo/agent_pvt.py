@@ -20,14 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
-from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, get_device_dtype, to_2tuple, \
-    trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, \
     register_notrace_function, register_notrace_module
 
-from timm.models._features import feature_take_indices
-
 from ._checkpoint import load_release_weights, release_cfg
+from ._staged import StagedTimmMixin
 from .agent_swin import resize_agent_tables
 from .layers import AgentAttention
 
@@ -197,8 +195,12 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
             nn.init.zeros_(module.bias)
 
 
-class AgentPVT(nn.Module):
+class AgentPVT(StagedTimmMixin, nn.Module):
     """Agent-PVT: a four-stage pyramid of agent-attention blocks, token mean, Linear."""
+
+    # no final norm; the stem (patch and position embeddings) belongs to the first stage, which takes
+    # NCHW input, so group_matcher and forward_intermediates are the model's own
+    _final_norm = False
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """Load an official release file; timm calls this for the release URLs of the cfgs
@@ -324,31 +326,6 @@ class AgentPVT(nn.Module):
             ]
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable gradient checkpointing."""
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """Get the classifier head."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Reset the classifier head.
-
-        Args:
-            num_classes: Number of classes for new classifier, 0 to remove it.
-            global_pool: Global pooling type, unchanged if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -371,14 +348,8 @@ class AgentPVT(nn.Module):
         Returns:
             List of intermediate features or tuple of (final features, intermediates).
         """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, stages = self._intermediate_stages(indices, stop_early, output_fmt)
         intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if torch.jit.is_scripting() or not stop_early:
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index + 1]
         for i, stage in enumerate(stages):
             x = stage(x if i == 0 else x.permute(0, 3, 1, 2))
             if i in take_indices:
@@ -387,40 +358,11 @@ class AgentPVT(nn.Module):
             return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Prune stages not required for the specified intermediates.
-
-        Args:
-            indices: Indices of intermediate stages to keep.
-            prune_norm: Unused: the model has no final norm.
-            prune_head: Whether to prune the classifier head.
-
-        Returns:
-            List of indices that were kept.
-        """
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, H/32, W/32, C') features (no final norm)."""
         for i, stage in enumerate(self.stages):
             x = stage(x if i == 0 else x.permute(0, 3, 1, 2))  # the next conv reads an NCHW view
         return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool and classify (B, H, W, C) features; pre_logits returns the pooled features."""
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)

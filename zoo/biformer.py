@@ -21,13 +21,12 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
-from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, to_ntuple, \
-    trunc_normal_
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_ntuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, \
     register_notrace_module
-from timm.models._features import feature_take_indices
 
 from ._checkpoint import load_release_weights, release_cfg
+from ._staged import StagedTimmMixin
 from .layers import AddLayerNorm, AttentionLePE, BiLevelRoutingAttention, RecomputeMlp
 
 __all__ = ['BiFormer']  # model_registry will add each entrypoint fn to this
@@ -192,7 +191,7 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
             nn.init.zeros_(module.bias)
 
 
-class BiFormer(nn.Module):
+class BiFormer(StagedTimmMixin, nn.Module):
     """BiFormer: a conv stem, four stages of routed (then global) attention blocks, BN, pool, Linear."""
 
     def load_pretrained(self, checkpoint_path: str) -> None:
@@ -297,43 +296,6 @@ class BiFormer(nn.Module):
         """No parameter beyond timm's 1-D ones (norms, biases) is excluded from weight decay."""
         return set()
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Group parameters for optimization (layer-wise LR decay)."""
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ]
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable gradient checkpointing."""
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """Get the classifier head."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Reset the classifier head.
-
-        Args:
-            num_classes: Number of classes for new classifier, 0 to remove it.
-            global_pool: Global pooling type, unchanged if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -354,19 +316,13 @@ class BiFormer(nn.Module):
             intermediates_only: Only return intermediate features.
 
         Returns:
-            List of intermediate features or tuple of (final features, intermediates).
+            List of intermediate features or tuple of (final features (B, C, H, W), intermediates).
         """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        intermediates = []
+        take_indices, stages = self._intermediate_stages(indices, stop_early, output_fmt)
         num_stages = len(self.stages)
-        take_indices, max_index = feature_take_indices(num_stages, indices)
+        intermediates = []
 
         x = self.stem(x).permute(0, 2, 3, 1)  # B, H, W, C
-        if torch.jit.is_scripting() or not stop_early:
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index + 1]
         last_idx = 0
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -386,42 +342,11 @@ class BiFormer(nn.Module):
             x = self.norm(x)  # final norm is sized for (and only applied to) the last stage
         return x, intermediates
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Prune stages not required for the specified intermediates.
-
-        Args:
-            indices: Indices of intermediate stages to keep.
-            prune_norm: Whether to prune the final norm.
-            prune_head: Whether to prune the classifier head.
-
-        Returns:
-            List of indices that were kept.
-        """
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, C', H/32, W/32) normalized features."""
         x = self.stem(x).permute(0, 2, 3, 1)
         x = self.stages(x)
         return self.norm(x.permute(0, 3, 1, 2))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool and classify (B, C, H, W) features; pre_logits returns the pooled features."""
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)

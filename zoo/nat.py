@@ -21,14 +21,15 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype, \
-    to_ntuple, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, to_ntuple, \
+    trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, \
     register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
 
+from ._staged import StagedTimmMixin
 from .layers import AddLayerNorm, NeighborhoodAttention2d, RecomputeMlp
 
 __all__ = ['NAT', 'NATIsotropic']  # model_registry will add each entrypoint fn to this
@@ -349,37 +350,13 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
             nn.init.zeros_(module.bias)
 
 
-class _NATBase(nn.Module):
-    """The timm API shared by the hierarchical and isotropic models (a ClassifierHead ``head`` over
-    NHWC features, relative positional biases named ``*.rpb``)."""
+class _NATBase(StagedTimmMixin, nn.Module):
+    """The staged timm API, with no weight decay for the relative positional biases (``*.rpb``)."""
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """Relative positional biases take no weight decay (1-D params are excluded by timm already)."""
         return {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """Get the classifier head."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Reset the classifier head.
-
-        Args:
-            num_classes: Number of classes for new classifier, 0 to remove it.
-            global_pool: Global pooling type, unchanged if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool and classify (B, H, W, C) features; pre_logits returns the pooled features."""
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
@@ -389,6 +366,9 @@ class _NATBase(nn.Module):
 
 class NAT(_NATBase):
     """Hierarchical neighborhood attention transformer: NAT, DiNAT and DiNAT_s."""
+
+    _stem_name = 'patch_embed'
+    _stages_name = 'levels'
 
     def __init__(
             self,
@@ -514,101 +494,6 @@ class NAT(_NATBase):
         )
         self.apply(_init_weights)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Group parameters for optimization (layer-wise LR decay)."""
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^levels\.(\d+)' if coarse else [
-                (r'^levels\.(\d+)\.downsample', (0,)),
-                (r'^levels\.(\d+)\.\w+\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ]
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable gradient checkpointing."""
-        for stage in self.levels:
-            stage.grad_checkpointing = enable
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates (stage outputs).
-
-        Args:
-            x: Input image tensor (B, C, H, W).
-            indices: Take last n stages if int, all if None, select matching indices if sequence.
-            norm: Apply the final norm to the last stage's intermediate.
-            stop_early: Stop iterating over stages when the last desired intermediate is reached.
-            output_fmt: Layout of the intermediates, 'NCHW' or 'NHWC'.
-            intermediates_only: Only return intermediate features.
-
-        Returns:
-            List of intermediate features or tuple of (final features, intermediates).
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        num_stages = len(self.levels)
-
-        x = self.patch_embed(x)
-        if torch.jit.is_scripting() or not stop_early:
-            stages = self.levels
-        else:
-            stages = self.levels[:max_index + 1]
-        last_idx = 0
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            last_idx = i
-            if i in take_indices:
-                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
-                if output_fmt == 'NCHW':
-                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
-                intermediates.append(x_inter)
-
-        if intermediates_only:
-            return intermediates
-
-        if last_idx == num_stages - 1:
-            x = self.norm(x)  # final norm is sized for (and only applied to) the last stage
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Prune stages not required for the specified intermediates.
-
-        Args:
-            indices: Indices of intermediate stages to keep.
-            prune_norm: Whether to prune the final norm.
-            prune_head: Whether to prune the classifier head.
-
-        Returns:
-            List of indices that were kept.
-        """
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        prune_end = max_index < len(self.levels) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        self.levels = self.levels[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, H/32, W/32, C') normalized features (for the default 4 stages)."""
         x = self.patch_embed(x)
@@ -716,6 +601,7 @@ class NATIsotropic(_NATBase):
         )
         self.apply(_init_weights)
 
+    # one sequence of blocks, no stages: the staged API's stage methods are replaced from here on
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Group parameters for optimization (layer-wise LR decay)."""
