@@ -367,7 +367,14 @@ def _pow2(n: int, minimum: int = 16) -> int:
 
 # programs wanted per SM: stage 1's forward splits, and the backward's batch groups / tile runs
 _FWD_WAVES = 2
-_BWD_WAVES = 2
+_BWD_WAVES = 4  # H200, 2 / 4 / 8 / 16 / 32 tried: 4 was at or near the best at every benchmark shape
+
+
+def _bwd_stages(block_a: int, block_d: int) -> int:
+    """Software-pipelining stages of the backward kernels: their agent-sized tiles (A, V_A, dV_A) are
+    loaded per batch element, and two stages of them overflow shared memory from 256 agents of
+    float32 head dim 64 (``block_d`` counts 16-bit elements, as in :func:`_tiles`)."""
+    return 1 if block_a * block_d >= 256 * 128 else 2
 
 
 def _programs_wanted(device: torch.device, waves: int) -> int:
@@ -383,7 +390,7 @@ def _programs_wanted(device: torch.device, waves: int) -> int:
 def _tiles(block_a: int, block_d: int) -> tuple[int, int, int]:
     """``(BLOCK_N of stage 1's forward, BLOCK_M of the token tiles, num_warps)``; ``block_d`` counts
     16-bit elements (a float32 head dim counts twice); tests replace it."""
-    if block_a * block_d >= 256 * 64:  # 196+ agents: 32-row tiles overflow shared memory from float32 head dim 32
+    if block_a * block_d >= 256 * 128:  # e.g. 196+ float32 agents of head dim 64: 32-row tiles overflow shared memory
         return 16, 16, 8
     if block_a >= 128 or block_d >= 128:
         return 32, 32, 8
@@ -504,15 +511,16 @@ def agent_triton_bwd(grad_out, q, k, v, agents, bias_ak, bias_qa, va, lse_agent,
                   dbqa is not None, atomic_bias, prec)
         args = (q, agents, va, bqa, grad_out, lse_query, dq, da, dva, q if dbqa is None else dbqa, *q.stride(),
                 *agents.stride(), *grad_out.stride(), *dq.stride(), *bqa_strides, *plan, scale, scale * _LOG2E, *consts)
+        stages = _bwd_stages(block_a, max(block_d, block_dv) * q.element_size() // 2)
         _BWD_QUERIES(grid, args, _key("bwd2", q, agents, bqa, grad_out, dq, extra=plan + consts),
-                     num_warps=warps, num_stages=2)
+                     num_warps=warps, num_stages=stages)
         consts = (D, Dv, block_d, block_dv, block_a, block_m, tiles, one_batch, bias_ak is not None,
                   dbak is not None, atomic_bias, prec)
         args = (k, v, agents, va, dva, bak, lse_agent, dk, dv, da, k if dbak is None else dbak, *k.stride(),
                 *v.stride(), *agents.stride(), *dk.stride(), *dv.stride(), *bak_strides, *plan, scale,
                 scale * _LOG2E, *consts)
         _BWD_TOKENS(grid, args, _key("bwd1", k, v, agents, bak, dk, dv, extra=plan + consts),
-                    num_warps=warps, num_stages=2)
+                    num_warps=warps, num_stages=stages)
     return (dq, dk, dv, _like(da.transpose(1, 2), agents), None if dbak is None else _like(dbak, bias_ak),
             None if dbqa is None else _like(dbqa, bias_qa))
 

@@ -105,7 +105,7 @@ def small_tiles(monkeypatch, request):
     # tensor-core minimums), and 1, 2 or 8 window rows per step of the query kernels (8: past the
     # window's last row)
     monkeypatch.setattr(ht, "_tiles", lambda queries, keys, win: (4, 8, 4))
-    monkeypatch.setattr(ht, "_rows", lambda win: request.param)
+    monkeypatch.setattr(ht, "_rows", lambda win, head_dim: request.param)
 
 
 @interpreter

@@ -57,36 +57,27 @@ def test_triton_matches_oracle_fp32(case):
 def test_triton_forced_tiles(case, tiles, monkeypatch):
     if tiles[2] > 1 and case["T"] * tiles[2] > 64:
         pytest.skip("packed tiles hold small regions only")
-    monkeypatch.setattr(rt, "_tiles", lambda T, Tk, L, shared=False: tiles)
+    monkeypatch.setattr(rt, "_tiles", lambda T, Tk, L: tiles)
     check_against_oracle(case, "triton", torch.float32, 2e-4)
 
 
 @interpreter
-@pytest.mark.parametrize("kv_tiles", [(16, 1, 16, 1, 4), (16, 4, 16, 2, 4), (32, 2, 16, 4, 4)], ids=str)
+@pytest.mark.parametrize("kv_tiles", [(16, 1, 16, 1, 4), (16, 4, 16, 2, 4), (32, 2, 16, 4, 4), (16, 2, 16, 1, 4)],
+                         ids=str)
 @pytest.mark.parametrize("case", random_cases(3, seed=11), ids=case_id)
 def test_triton_forced_kv_tiles(case, kv_tiles, monkeypatch):
-    """The dK/dV kernel with several key tiles or query chunks per region, and packed regions."""
+    """The backward with forced key tilings: one region per key tile (the atomic kernel) and packed
+    key tiles (the dK/dV kernel) with several query chunks per region or packed query regions."""
     if max(case["Tk"] * kv_tiles[1], case["T"] * kv_tiles[3]) > 64 and (kv_tiles[1] > 1 or kv_tiles[3] > 1):
         pytest.skip("packed tiles hold small regions only")
-    monkeypatch.setattr(rt, "_kv_tiles", lambda T, Tk, shared=False: kv_tiles)
-    check_against_oracle(case, "triton", torch.float32, 2e-4)
-
-
-@interpreter
-@pytest.mark.parametrize("masked", [True, False], ids=["masked-dense", "routed"])
-@pytest.mark.parametrize("case", random_cases(4, seed=13), ids=case_id)
-def test_triton_masked_dense_path(case, masked, monkeypatch):
-    """Both paths at any region size: the routing as a mask over every key in order, or gathered."""
-    monkeypatch.setattr(rt, "_masked", lambda T, Tk, topk, R: masked)
+    monkeypatch.setattr(rt, "_kv_tiles", lambda T, Tk: kv_tiles)
     check_against_oracle(case, "triton", torch.float32, 2e-4)
 
 
 @interpreter
 @pytest.mark.parametrize("T", [3, 20], ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("masked", [True, False], ids=["masked-dense", "routed"])
-def test_triton_duplicate_indices(T, masked, monkeypatch):
+def test_triton_duplicate_indices(T):
     """A region named twice in a routing list counts twice in the forward and in every gradient."""
-    monkeypatch.setattr(rt, "_masked", lambda T, Tk, topk, R: masked)
     g = torch.Generator().manual_seed(5)
     B, R, heads, D = 2, 5, 2, 8
     q, k, v = (torch.randn(B, R, T, heads, D, generator=g) for _ in range(3))
@@ -105,7 +96,7 @@ def test_triton_duplicate_indices(T, masked, monkeypatch):
 @interpreter
 def test_triton_fp16_and_large_region(monkeypatch):
     """A region larger than one query tile (three programs per region), fp16 operands."""
-    monkeypatch.setattr(rt, "_tiles", lambda T, Tk, L, shared=False: (16, 32, 1, 4))
+    monkeypatch.setattr(rt, "_tiles", lambda T, Tk, L: (16, 32, 1, 4))
     case = dict(B=1, R=4, T=40, Tk=40, heads=1, D=8, Dv=16, topk=2, dense=False)
     check_against_oracle(case, "triton", torch.float32, 2e-4)
     check_against_oracle(case, "triton", torch.float16, 2e-2)
