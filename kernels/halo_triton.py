@@ -118,8 +118,11 @@ def _halo_fwd(
                        stride_kd, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         if HAS_REL:
-            pos_h = tl.load(QRH + rel_base + ky[None, :] - qy[:, None], mask=m_ok[:, None] & n_ok[None, :],
-                            other=0.0)
+            if ROWS == 1:  # one height slot per query
+                pos_h = tl.load(QRH + rel_row * (2 * WIN - 1) + ky0 - qy + WIN - 1, mask=m_ok, other=0.0)[:, None]
+            else:
+                pos_h = tl.load(QRH + rel_base + ky[None, :] - qy[:, None], mask=m_ok[:, None] & n_ok[None, :],
+                                other=0.0)
             s += pos_h * 1.4426950408889634 + pos_w
         s = tl.where(n_ok[None, :], s, float("-inf"))  # only the padding slots
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -190,20 +193,27 @@ def _halo_bwd_dq(
                        stride_vd, HEAD_DIM_V, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         if HAS_REL:
-            pos_h = tl.load(QRH + rel_base + ky[None, :] - qy[:, None], mask=m_ok[:, None] & n_ok[None, :],
-                            other=0.0)
+            if ROWS == 1:
+                pos_h = tl.load(QRH + rel_row * (2 * WIN - 1) + ky0 - qy + WIN - 1, mask=m_ok, other=0.0)[:, None]
+            else:
+                pos_h = tl.load(QRH + rel_base + ky[None, :] - qy[:, None], mask=m_ok[:, None] & n_ok[None, :],
+                                other=0.0)
             s += pos_h * 1.4426950408889634 + pos_w
         p = tl.where(n_ok[None, :] & m_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if HAS_REL:
-            ds3 = tl.reshape(ds, (BLOCK_M, ROWS, WP))
             # each (query, height slot) is hit by exactly one window row: a plain store of the row sums
-            rows_h = ky0 + offs_r
-            tl.store(DQRH + rel_base + rows_h[None, :] - qy[:, None], tl.sum(ds3, 2),
-                     mask=m_ok[:, None] & (rows_h[None, :] < WIN))
-            dpos_w += tl.sum(ds3, 1)
+            if ROWS == 1:
+                tl.store(DQRH + rel_row * (2 * WIN - 1) + ky0 - qy + WIN - 1, tl.sum(ds, 1), mask=m_ok)
+                dpos_w += ds
+            else:
+                ds3 = tl.reshape(ds, (BLOCK_M, ROWS, WP))
+                rows_h = ky0 + offs_r
+                tl.store(DQRH + rel_base + rows_h[None, :] - qy[:, None], tl.sum(ds3, 2),
+                         mask=m_ok[:, None] & (rows_h[None, :] < WIN))
+                dpos_w += tl.sum(ds3, 1)
     offs_d = tl.arange(0, BLOCK_D)
     dq_row = (b_idx * (H // BLOCK * BQ) * (W // BLOCK * BQ) + gy * (W // BLOCK * BQ) + gx) * HEADS * HEAD_DIM + h_idx * HEAD_DIM
     tl.store(DQ + dq_row[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
