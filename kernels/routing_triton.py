@@ -22,7 +22,10 @@ the map) take two kernels instead, as the atomics there collide: dQ (the forward
 writing ``delta``), and dK/dV with one program per packed key tile that walks the query regions,
 skipping those whose routing list names none of its regions; a region named twice in a list
 counts twice (the pair's probabilities are weighted by the multiplicity). dK and dV are then
-written once in their dtype. (Measured on an H200: the atomic kernel is 3-30x faster at BiFormer's
+written once in their dtype. A third form, dQ then a dK/dV kernel that visits only the query
+regions listed for its key region in a reverse routing map (a sort of the routing entries), is
+implemented and tested for one-region key tiles but not yet measured, so not chosen by default
+(``_unpacked_bwd``). (Measured on an H200: the atomic kernel is 3-30x faster at BiFormer's
 stage 1-2 and COCO shapes, the two-kernel form 1.6x faster at stage 3 @ 224.)
 
 Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use tf32 when
@@ -282,6 +285,65 @@ def _routing_bwd_dkdv(
 
 
 @triton.jit
+def _routing_bwd_dkdv_rev(
+    Q, K, V, REV, OFF, DO, LSE, DELTA, DK, DV,  #
+    stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
+    stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,  #
+    stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,  #
+    stride_gb, stride_gr, stride_gt, stride_gh, stride_gd,  #
+    stride_dkb, stride_dkr, stride_dkt, stride_dkh, stride_dkd,  #
+    stride_dvb, stride_dvr, stride_dvt, stride_dvh, stride_dvd,  #
+    HEADS, R, T, TK, N_KT, N_QT, N_ENTRIES, sm_scale, qk_scale,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # One program owns BLOCK_M keys of one key region and visits only the query regions that route
+    # to it: entries OFF[b, r] .. OFF[b, r + 1] of the reverse routing map REV [B, R * topk] (query
+    # regions grouped by the key region they name; a region named twice is listed twice, so it
+    # counts twice). dK and dV are written once, in their dtype.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    grp_k, region_k, token_k, ok_k = _query_rows(pid_m, N_KT, R, TK, 1, BLOCK_M)
+    k = _load_rows(K, b, region_k, token_k, h, ok_k, stride_kb, stride_kr, stride_kt, stride_kh, stride_kd,
+                   HEAD_DIM, BLOCK_D)
+    v = _load_rows(V, b, region_k, token_k, h, ok_k, stride_vb, stride_vr, stride_vt, stride_vh, stride_vd,
+                   HEAD_DIM_V, BLOCK_DV)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    r = pid_m // N_KT
+    start = tl.load(OFF + b * (R + 1) + r)
+    stop = tl.load(OFF + b * (R + 1) + r + 1)
+    offs_n = tl.arange(0, BLOCK_N)
+    for e in range(start, stop):
+        region_q = tl.load(REV + b.to(tl.int64) * N_ENTRIES + e) + offs_n * 0
+        for qt in range(0, N_QT):
+            token_q = qt * BLOCK_N + offs_n
+            ok_q = token_q < T
+            q = _load_rows(Q, b, region_q, token_q, h, ok_q, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                           HEAD_DIM, BLOCK_D)
+            do = _load_rows(DO, b, region_q, token_q, h, ok_q, stride_gb, stride_gr, stride_gt, stride_gh,
+                            stride_gd, HEAD_DIM_V, BLOCK_DV)
+            row_l = ((b.to(tl.int64) * R + region_q) * T + token_q) * HEADS + h
+            lse = tl.load(LSE + row_l, mask=ok_q, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row_l, mask=ok_q, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            pt = tl.where(ok_k[:, None] & ok_q[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row = b.to(tl.int64) * stride_dkb + region_k.to(tl.int64) * stride_dkr + token_k * stride_dkt + h * stride_dkh
+    tl.store(DK + row[:, None] + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=ok_k[:, None] & (offs_d[None, :] < HEAD_DIM))
+    row = b.to(tl.int64) * stride_dvb + region_k.to(tl.int64) * stride_dvr + token_k * stride_dvt + h * stride_dvh
+    tl.store(DV + row[:, None] + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=ok_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
 def _routing_bwd_atomic(
     Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,  #
     stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
@@ -343,6 +405,7 @@ _FWD = Launcher(_routing_fwd)
 _DQ = Launcher(_routing_bwd_dq)
 _DKDV = Launcher(_routing_bwd_dkdv)
 _BWD_ATOMIC = Launcher(_routing_bwd_atomic)
+_DKDV_REV = Launcher(_routing_bwd_dkdv_rev)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -441,10 +504,13 @@ def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: fl
     """
     B, R, T, heads, Tk, L, n_mt, n_prog, idx, consts, warps = _plan(q, k, v, indices)
     block_m, group_k, block_n, group_q, kv_warps = _kv_tiles(T, Tk)
-    if group_k == 1:
+    dense = indices is None
+    path = "scan" if group_k > 1 else _unpacked_bwd(dense)
+    if path == "reverse" and dense:
+        path = "scan"
+    if path == "atomic":
         return _bwd_atomic(grad_out, q, k, v, idx, out, lse, grad_lse, scale, B, R, T, heads, Tk, L, n_mt,
                            n_prog, consts, warps)
-    dense = indices is None
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the fake's layouts
     lse = lse.contiguous()
     glse = lse if grad_lse is None else grad_lse.float().contiguous()
@@ -473,10 +539,44 @@ def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: fl
         _DQ((n_prog, B * heads), args,
             _key("dq", q, k, v, idx, out, grad_out, dq, lse, glse, extra=(heads, R, T, Tk, L) + consts),
             num_warps=warps, num_stages=2)
+        if path == "reverse":
+            rev, off = _reverse_map(indices, R)
+            rev_consts = (*consts[:4], block_m, block_n, consts[-1])
+            rev_args = (q, k, v, rev, off, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+                        *grad_out.stride(), *dk.stride(), *dv.stride(), heads, R, T, Tk, n_kt, n_qt,
+                        rev.shape[1], scale, scale * _LOG2E, *rev_consts)
+            _DKDV_REV((n_kprog, B * heads), rev_args,
+                      _key("dkdv_rev", q, k, v, grad_out, dk, dv, lse, extra=(heads, R, T, Tk, n_kt, n_qt,
+                                                                             rev.shape[1]) + rev_consts),
+                      num_warps=kv_warps, num_stages=2)
+            return dq, dk, dv
         _DKDV((n_kprog, B * heads), kv_args,
               _key("dkdv", q, k, v, idx, grad_out, dk, dv, lse, extra=(heads, R, T, Tk, topk, n_kt, n_qc, n_qt)
                    + kv_consts), num_warps=kv_warps, num_stages=2)
     return dq, dk, dv
+
+
+def _unpacked_bwd(dense: bool) -> str:
+    """The backward of one-region key tiles: ``"atomic"`` (one kernel, float32 atomics: measured
+    fastest so far) or ``"reverse"`` (dQ, then dK/dV over a reverse routing map: no atomics, a few
+    small index kernels; not yet measured on a GPU). The dense case has no routing to reverse.
+    Tests replace it to force either."""
+    return "atomic"
+
+
+def _reverse_map(indices: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rev [B, R * topk] int32, off [B, R + 1] int32)``: the query region of every routing entry,
+    grouped by the key region it names (stable: in query-region order), and where each key
+    region's group starts."""
+    B, _, topk = indices.shape
+    flat = indices.reshape(B, R * topk)
+    order = torch.sort(flat, dim=1, stable=True).indices
+    rev = torch.div(order, topk, rounding_mode="floor").to(torch.int32)
+    counts = torch.zeros(B, R, dtype=torch.int32, device=indices.device)
+    counts.scatter_add_(1, flat.long(), torch.ones(flat.shape, dtype=torch.int32, device=indices.device))
+    off = torch.zeros(B, R + 1, dtype=torch.int32, device=indices.device)
+    off[:, 1:] = torch.cumsum(counts, 1, dtype=torch.int32)
+    return rev.contiguous(), off
 
 
 def _bwd_atomic(grad_out, q, k, v, idx, out, lse, grad_lse, scale, B, R, T, heads, Tk, L, n_mt, n_prog, consts,

@@ -75,9 +75,21 @@ def test_triton_forced_kv_tiles(case, kv_tiles, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("path", ["atomic", "reverse"])
+@pytest.mark.parametrize("case", random_cases(4, seed=17), ids=case_id)
+def test_triton_unpacked_backward_paths(case, path, monkeypatch):
+    """One-region key tiles: the float32-atomic kernel and the reverse-routing-map dK/dV kernel."""
+    monkeypatch.setattr(rt, "_unpacked_bwd", lambda dense: path)
+    monkeypatch.setattr(rt, "_kv_tiles", lambda T, Tk: (16, 1, 16, 1, 4))
+    check_against_oracle(case, "triton", torch.float32, 2e-4)
+
+
+@interpreter
+@pytest.mark.parametrize("path", ["atomic", "reverse"])
 @pytest.mark.parametrize("T", [3, 20], ids=lambda t: f"T{t}")
-def test_triton_duplicate_indices(T):
+def test_triton_duplicate_indices(T, path, monkeypatch):
     """A region named twice in a routing list counts twice in the forward and in every gradient."""
+    monkeypatch.setattr(rt, "_unpacked_bwd", lambda dense: path)
     g = torch.Generator().manual_seed(5)
     B, R, heads, D = 2, 5, 2, 8
     q, k, v = (torch.randn(B, R, T, heads, D, generator=g) for _ in range(3))
@@ -158,6 +170,19 @@ GPU_SHAPES = {  # (B, R, T, heads, D, topk): BiFormer-S stages 1-3 at 224, and C
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", sorted(GPU_SHAPES))
 def test_gpu_matches_reference(name, dtype):
+    _check_gpu_case(name, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["s1-224", "s1-coco", "s3-coco"])
+def test_gpu_reverse_map_backward(name, monkeypatch):
+    """The reverse-routing-map dK/dV kernel at real sizes (not the default path yet)."""
+    monkeypatch.setattr(rt, "_unpacked_bwd", lambda dense: "reverse")
+    _check_gpu_case(name, torch.bfloat16)
+
+
+def _check_gpu_case(name, dtype):
     B, R, T, heads, D, topk = GPU_SHAPES[name]
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, R, T, heads, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
