@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_device_reason
+from .dispatch import like_fake
 from .launch import INTERPRETING, Launcher, aligned, on_device
 from .neighborhood_reference import lse_dtype
 
@@ -521,13 +522,6 @@ def agent_triton_bwd(grad_out, q, k, v, agents, bias_ak, bias_qa, va, lse_agent,
                 scale * _LOG2E, *consts)
         _BWD_TOKENS(grid, args, _key("bwd1", k, v, agents, bak, dk, dv, extra=plan + consts),
                     num_warps=warps, num_stages=stages)
-    return (dq, dk, dv, _like(da.transpose(1, 2), agents), None if dbak is None else _like(dbak, bias_ak),
-            None if dbqa is None else _like(dbqa, bias_qa))
+    return (dq, dk, dv, like_fake(da.transpose(1, 2), agents), None if dbak is None else like_fake(dbak, bias_ak),
+            None if dbqa is None else like_fake(dbqa, bias_qa))
 
-
-def _like(grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``grad`` in the dtype and strides of ``torch.empty_like(ref)``, as the op's fake promises."""
-    out = torch.empty_like(ref)
-    if out.dtype == grad.dtype and out.stride() == grad.stride():
-        return grad
-    return out.copy_(grad)

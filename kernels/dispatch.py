@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["CheckCache", "LeanOp", "custom_op", "eager_ok", "env"]
+__all__ = ["CheckCache", "LeanOp", "custom_op", "eager_ok", "env", "like_fake"]
 
 # nn.Parameter is a plain tensor to the dispatcher: it disables torch_function
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -29,6 +29,16 @@ def eager_ok(*tensors: Optional[Tensor]) -> bool:
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True
+
+
+def like_fake(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` in the dtype and strides of ``torch.empty_like(ref)``, the layout an op's fake
+    implementation promises for a gradient of ``ref`` (compiled graphs assert it): ``t`` itself when
+    it already has them, else a copy."""
+    out = torch.empty_like(ref)
+    if out.dtype == t.dtype and out.stride() == t.stride():
+        return t
+    return out.copy_(t)
 
 
 # os.environ.get encodes the name and wraps the value on every call (a few microseconds, paid

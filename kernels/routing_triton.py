@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_device_reason
+from .dispatch import like_fake
 from .launch import INTERPRETING, Launcher, aligned, on_device
 from .neighborhood_reference import lse_dtype
 
@@ -595,9 +596,5 @@ def _bwd_atomic(grad_out, q, k, v, idx, out, lse, grad_lse, scale, B, R, T, head
         _BWD_ATOMIC((n_prog, B * heads), args,
                     _key("bwd", q, k, v, idx, grad_out, dq, lse, delta, extra=(heads, R, T, Tk, L) + consts),
                     num_warps=warps, num_stages=2)
-    return dq, _like(dk, k), _like(dv, v)
+    return dq, like_fake(dk, k), like_fake(dv, v)
 
-
-def _like(grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    # the float32 accumulator in the dtype and layout of ``torch.empty_like(ref)`` (the op's fake)
-    return torch.empty_like(ref).copy_(grad)
