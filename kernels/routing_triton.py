@@ -222,6 +222,45 @@ def _routing_bwd_dq(
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, b, region_q, token_q, h, ok_q, weight,
+               stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+               stride_gb, stride_gr, stride_gt, stride_gh, stride_gd, HEADS, R, T, qk_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    # one query chunk's contribution to a key tile's dK (unscaled) and dV; ``weight`` [keys, queries]
+    # is each pair's multiplicity (0: not routed)
+    q = _load_rows(Q, b, region_q, token_q, h, ok_q, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                   HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO, b, region_q, token_q, h, ok_q, stride_gb, stride_gr, stride_gt, stride_gh, stride_gd,
+                    HEAD_DIM_V, BLOCK_DV)
+    row_l = ((b.to(tl.int64) * R + region_q) * T + token_q) * HEADS + h
+    lse = tl.load(LSE + row_l, mask=ok_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_l, mask=ok_q, other=0.0)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    pt = tl.where(weight > 0, tl.math.exp2(st - lse[None, :]), 0.0) * weight
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _store_dkdv(DK, DV, dk, dv, b, region_k, token_k, h, ok_k, sm_scale,
+                stride_dkb, stride_dkr, stride_dkt, stride_dkh, stride_dkd,
+                stride_dvb, stride_dvr, stride_dvt, stride_dvh, stride_dvd,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row = b.to(tl.int64) * stride_dkb + region_k.to(tl.int64) * stride_dkr + token_k * stride_dkt + h * stride_dkh
+    tl.store(DK + row[:, None] + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=ok_k[:, None] & (offs_d[None, :] < HEAD_DIM))
+    row = b.to(tl.int64) * stride_dvb + region_k.to(tl.int64) * stride_dvr + token_k * stride_dvt + h * stride_dvh
+    tl.store(DV + row[:, None] + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=ok_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
 def _routing_bwd_dkdv(
     Q, K, V, IDX, DO, LSE, DELTA, DK, DV,  #
     stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,  #
@@ -262,27 +301,13 @@ def _routing_bwd_dkdv(
                 count += (routed[None, :] == region_k[:, None]).to(tl.int32)
             mult = tl.where(ok_k[:, None] & ok_q[None, :], count, 0).to(tl.float32)
         if tl.max(tl.max(mult, 1), 0) > 0:
-            q = _load_rows(Q, b, region_q, token_q, h, ok_q, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
-                           HEAD_DIM, BLOCK_D)
-            do = _load_rows(DO, b, region_q, token_q, h, ok_q, stride_gb, stride_gr, stride_gt, stride_gh,
-                            stride_gd, HEAD_DIM_V, BLOCK_DV)
-            row_l = ((b.to(tl.int64) * R + region_q) * T + token_q) * HEADS + h
-            lse = tl.load(LSE + row_l, mask=ok_q, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + row_l, mask=ok_q, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            pt = tl.where(mult > 0, tl.math.exp2(st - lse[None, :]), 0.0) * mult
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row = b.to(tl.int64) * stride_dkb + region_k.to(tl.int64) * stride_dkr + token_k * stride_dkt + h * stride_dkh
-    tl.store(DK + row[:, None] + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=ok_k[:, None] & (offs_d[None, :] < HEAD_DIM))
-    row = b.to(tl.int64) * stride_dvb + region_k.to(tl.int64) * stride_dvr + token_k * stride_dvt + h * stride_dvh
-    tl.store(DV + row[:, None] + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=ok_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, b, region_q, token_q, h, ok_q, mult,
+                                stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                                stride_gb, stride_gr, stride_gt, stride_gh, stride_gd, HEADS, R, T, qk_scale,
+                                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PREC)
+    _store_dkdv(DK, DV, dk, dv, b, region_k, token_k, h, ok_k, sm_scale,
+                stride_dkb, stride_dkr, stride_dkt, stride_dkh, stride_dkd,
+                stride_dvb, stride_dvr, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
 
 
 @triton.jit
@@ -321,27 +346,14 @@ def _routing_bwd_dkdv_rev(
         for qt in range(0, N_QT):
             token_q = qt * BLOCK_N + offs_n
             ok_q = token_q < T
-            q = _load_rows(Q, b, region_q, token_q, h, ok_q, stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
-                           HEAD_DIM, BLOCK_D)
-            do = _load_rows(DO, b, region_q, token_q, h, ok_q, stride_gb, stride_gr, stride_gt, stride_gh,
-                            stride_gd, HEAD_DIM_V, BLOCK_DV)
-            row_l = ((b.to(tl.int64) * R + region_q) * T + token_q) * HEADS + h
-            lse = tl.load(LSE + row_l, mask=ok_q, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + row_l, mask=ok_q, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            pt = tl.where(ok_k[:, None] & ok_q[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row = b.to(tl.int64) * stride_dkb + region_k.to(tl.int64) * stride_dkr + token_k * stride_dkt + h * stride_dkh
-    tl.store(DK + row[:, None] + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=ok_k[:, None] & (offs_d[None, :] < HEAD_DIM))
-    row = b.to(tl.int64) * stride_dvb + region_k.to(tl.int64) * stride_dvr + token_k * stride_dvt + h * stride_dvh
-    tl.store(DV + row[:, None] + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=ok_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+            pair = (ok_k[:, None] & ok_q[None, :]).to(tl.float32)
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, b, region_q, token_q, h, ok_q, pair,
+                                    stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                                    stride_gb, stride_gr, stride_gt, stride_gh, stride_gd, HEADS, R, T, qk_scale,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PREC)
+    _store_dkdv(DK, DV, dk, dv, b, region_k, token_k, h, ok_k, sm_scale,
+                stride_dkb, stride_dkr, stride_dkt, stride_dkh, stride_dkd,
+                stride_dvb, stride_dvr, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
 
 
 @triton.jit
