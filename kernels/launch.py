@@ -27,7 +27,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["INTERPRETING", "Launcher", "aligned", "interpreting", "on_device", "persistent", "raw_stream"]
+__all__ = ["INTERPRETING", "Launcher", "aligned", "on_device", "persistent", "raw_stream"]
 
 try:  # Triton >= 3.4 keeps the launch hooks in knobs; older releases on CompiledKernel
     from triton import knobs as _knobs
@@ -59,11 +59,6 @@ def _mode_probe():
 # model (an ``isinstance`` on a kernel there is a graph break, and per-block graph breaks make a
 # compiled model recompile each block until it falls back to eager)
 INTERPRETING: bool = isinstance(_mode_probe, InterpretedFunction)
-
-
-def interpreting(fn=None) -> bool:
-    """True when Triton's interpreter runs the kernels (``TRITON_INTERPRET=1`` before triton was imported)."""
-    return INTERPRETING
 
 
 def raw_stream(device_index: int) -> int:

@@ -348,9 +348,9 @@ def _routing_bwd_dkdv_rev(
             ok_q = token_q < T
             pair = (ok_k[:, None] & ok_q[None, :]).to(tl.float32)
             dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, b, region_q, token_q, h, ok_q, pair,
-                                    stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
-                                    stride_gb, stride_gr, stride_gt, stride_gh, stride_gd, HEADS, R, T, qk_scale,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PREC)
+                                stride_qb, stride_qr, stride_qt, stride_qh, stride_qd,
+                                stride_gb, stride_gr, stride_gt, stride_gh, stride_gd, HEADS, R, T, qk_scale,
+                                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PREC)
     _store_dkdv(DK, DV, dk, dv, b, region_k, token_k, h, ok_k, sm_scale,
                 stride_dkb, stride_dkr, stride_dkt, stride_dkh, stride_dkd,
                 stride_dvb, stride_dvr, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
