@@ -87,8 +87,9 @@ if [ -z "$wheel" ]; then
 fi
 echo "mmcv: $wheel"
 
-# keep an editable development install editable
-editable="$("$PY" - <<'EOF'
+# keep an editable development install editable (-I: the source tree's foveal.egg-info, which an
+# editable build leaves in the current directory, would otherwise shadow the installed metadata)
+editable="$("$PY" -I - <<'EOF'
 import json
 from importlib import metadata
 try:
