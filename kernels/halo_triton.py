@@ -146,28 +146,39 @@ def _halo_fwd(
 
 @triton.jit
 def _halo_bwd_dq(
-    Q, K, V, QRH, QRW, DO, LSE, DELTA, DQ, DQRH, DQRW,  #
+    Q, K, V, QRH, QRW, O, DO, LSE, GLSE, DELTA, DQ, DQRH, DQRW, DK, DV,  #
     stride_qb, stride_qy, stride_qx, stride_qh, stride_qd,  #
     stride_kb, stride_ky, stride_kx, stride_kh, stride_kd,  #
     stride_vb, stride_vy, stride_vx, stride_vh, stride_vd,  #
     stride_ob, stride_oy, stride_ox, stride_oh, stride_od,  #
+    stride_gb, stride_gy, stride_gx, stride_gh, stride_gd,  #
     HEADS, H, W, NBX, BQ, N_MT, scale, scale_log2,  #
     BLOCK: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr, HAS_REL: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_GLSE: tl.constexpr,  #
+    FUSED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # dO and dQ are [B, Hq, Wq, heads, D*] with the strides stride_o* (dQ: contiguous, like dO's copy)
+    # O (strides stride_o*) and dO (stride_g*) are [B, Hq, Wq, heads, Dv]; dQ is contiguous. Computes
+    # delta = rowsum(dO * O) - dLSE; FUSED: also adds dK / dV (contiguous float32 [B, H, W, heads, D*])
+    # with atomics (a key lies in the windows of a few query blocks), else stores delta for _halo_bwd_dkdv.
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b_idx, h_idx = (pid_bh // HEADS).to(tl.int64), pid_bh % HEADS
     by, bx, qy, qx, m_ok = _query_tile(pid_m, N_MT, NBX, BQ, BLOCK_M)
     gy, gx = by * BQ + qy, bx * BQ + qx
     q = _load_rows(Q, b_idx * stride_qb + gy * stride_qy + gx * stride_qx + h_idx * stride_qh, m_ok, stride_qd,
                    HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO, b_idx * stride_ob + gy * stride_oy + gx * stride_ox + h_idx * stride_oh, m_ok, stride_od,
+    do = _load_rows(DO, b_idx * stride_gb + gy * stride_gy + gx * stride_gx + h_idx * stride_gh, m_ok, stride_gd,
                     HEAD_DIM_V, BLOCK_DV)
+    o = _load_rows(O, b_idx * stride_ob + gy * stride_oy + gx * stride_ox + h_idx * stride_oh, m_ok, stride_od,
+                   HEAD_DIM_V, BLOCK_DV)
     rel_row = ((b_idx * (H // BLOCK * BQ) + gy) * (W // BLOCK * BQ) + gx) * HEADS + h_idx
     lse2 = tl.load(LSE + rel_row, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + rel_row, mask=m_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + rel_row, mask=m_ok, other=0.0)
+    if not FUSED:
+        tl.store(DELTA + rel_row, delta, mask=m_ok)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
 
     WP: tl.constexpr = BLOCK_N // ROWS
     offs_n = tl.arange(0, BLOCK_N)
@@ -203,6 +214,14 @@ def _halo_bwd_dq(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if FUSED:  # off-map window positions are zero padding: no gradient
+            key_row = ((b_idx * H + ay) * W + ax) * HEADS + h_idx
+            tl.atomic_add(DV + key_row[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                          tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC),
+                          mask=inside[:, None] & (offs_dv[None, :] < HEAD_DIM_V), sem="relaxed")
+            tl.atomic_add(DK + key_row[:, None] * HEAD_DIM + offs_d[None, :],
+                          tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * scale,
+                          mask=inside[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
         if HAS_REL:
             # each (query, height slot) is hit by exactly one window row: a plain store of the row sums
             if ROWS == 1:
@@ -214,7 +233,6 @@ def _halo_bwd_dq(
                 tl.store(DQRH + rel_base + rows_h[None, :] - qy[:, None], tl.sum(ds3, 2),
                          mask=m_ok[:, None] & (rows_h[None, :] < WIN))
                 dpos_w += tl.sum(ds3, 1)
-    offs_d = tl.arange(0, BLOCK_D)
     dq_row = (b_idx * (H // BLOCK * BQ) * (W // BLOCK * BQ) + gy * (W // BLOCK * BQ) + gx) * HEADS * HEAD_DIM + h_idx * HEAD_DIM
     tl.store(DQ + dq_row[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -323,6 +341,16 @@ def _row_step(win: int, head_dim: int) -> dict:
     return dict(BLOCK_N=rows * _pow2(win), ROWS=rows)
 
 
+def _fused_bwd(programs: int, block_size: int, halo_size: int) -> bool:
+    """Whether the backward is one kernel on the query programs adding dK / dV with float32 atomics
+    (each key lies in the windows of ``(1 + 2h / b)^2`` query blocks on average, so the atomics
+    rarely collide), rather than dQ then a dK/dV kernel on key programs, which recomputes ``P``
+    for every neighbouring query block whose window holds any of its keys (at b = 8, h = 3 it
+    computes 9 whole block pairs for about 3 blocks' worth of window). Not yet measured on a GPU:
+    the two-kernel form stays the default. Tests replace it."""
+    return False
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -398,37 +426,45 @@ def halo_triton_bwd(grad_out, q, k, v, rel_h, rel_w, out, lse, grad_lse, block_s
     """``(dq, dk, dv, drel_h, drel_w)``; see ``foveal::halo_bwd``."""
     B, H, W, heads, bq, win, n_mt, n_blocks, block_n, warps, geo = _common(q, k, v, block_size, halo_size, stride)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     has_rel = rel_h is not None
+    fused = _fused_bwd(B * heads * n_blocks, block_size, halo_size)
+    if fused and q.numel() and v.numel():  # float32 accumulators for the atomics, contiguous [B, H, W, heads, D*]
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    else:
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if q.numel() == 0 or v.numel() == 0:
         zeros = (torch.zeros_like(rel_h), torch.zeros_like(rel_w)) if has_rel else (None, None)
         return (dq.zero_(), dk.zero_(), dv.zero_()) + zeros
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
     lse = lse.contiguous()
+    glse = lse if grad_lse is None else grad_lse.float().contiguous()
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     if has_rel:
         qrh, qrw = _rel_products(q, rel_h, rel_w, scale, scale_rel)
         dqrh, dqrw = torch.zeros_like(qrh), torch.zeros_like(qrw)
     else:
         qrh = qrw = dqrh = dqrw = delta
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    consts = _constexprs(_DQ, **geo, HAS_REL=has_rel, **_row_step(win, max(q.shape[-1], v.shape[-1])))
+    consts = _constexprs(_DQ, **geo, HAS_REL=has_rel, **_row_step(win, max(q.shape[-1], v.shape[-1])),
+                         HAS_GLSE=grad_lse is not None, FUSED=fused)
     with on_device(q.device):
-        args = (q, k, v, qrh, qrw, grad_out, lse, delta, dq, dqrh, dqrw, *strides,
-                heads, H, W, W // block_size, bq, n_mt, scale, scale * _LOG2E, *consts)
-        _DQ((n_blocks * n_mt, B * heads), args, _key("dq", q, k, v, grad_out, dq, lse, delta, qrh, extra=consts),
-            num_warps=warps, num_stages=2)
-        n_nt = triton.cdiv(block_size * block_size, block_n)
-        consts = _constexprs(_DKDV, **geo, REACH=math.ceil(halo_size / block_size), HAS_REL=has_rel,
-                             BLOCK_N=block_n)
-        args = (q, k, v, qrh, qrw, grad_out, lse, delta, dk, dv, *strides,
-                heads, H, W, W // block_size, H // block_size, bq, n_mt, n_nt, scale, scale * _LOG2E, *consts)
-        _DKDV((n_blocks * n_nt, B * heads), args,
-              _key("dkdv", q, k, v, grad_out, dk, dv, lse, delta, qrh, extra=consts),
-              num_warps=warps, num_stages=2)
+        args = (q, k, v, qrh, qrw, out, grad_out, lse, glse, delta, dq, dqrh, dqrw, dk, dv, *strides[:15],
+                *out.stride(), *grad_out.stride(), heads, H, W, W // block_size, bq, n_mt, scale, scale * _LOG2E,
+                *consts)
+        _DQ((n_blocks * n_mt, B * heads), args,
+            _key("dq", q, k, v, out, grad_out, dq, lse, delta, qrh, extra=consts), num_warps=warps, num_stages=2)
+        if fused:
+            dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+        else:
+            n_nt = triton.cdiv(block_size * block_size, block_n)
+            consts = _constexprs(_DKDV, **geo, REACH=math.ceil(halo_size / block_size), HAS_REL=has_rel,
+                                 BLOCK_N=block_n)
+            args = (q, k, v, qrh, qrw, grad_out, lse, delta, dk, dv, *strides,
+                    heads, H, W, W // block_size, H // block_size, bq, n_mt, n_nt, scale, scale * _LOG2E, *consts)
+            _DKDV((n_blocks * n_nt, B * heads), args,
+                  _key("dkdv", q, k, v, grad_out, dk, dv, lse, delta, qrh, extra=consts),
+                  num_warps=warps, num_stages=2)
     drh = drw = None
     if has_rel:
         c = scale if scale_rel else 1.0

@@ -99,13 +99,16 @@ CASES = [dict(zip(_KEYS, c)) for c in [
 ]] + _cases(3, seed=5)
 
 
-@pytest.fixture(params=[1, 2, 8], ids=lambda r: f"rows{r}")
+@pytest.fixture(params=[(1, False), (2, False), (8, False), (1, True), (2, True)],
+                ids=lambda p: f"rows{p[0]}" + ("-fused" if p[1] else ""))
 def small_tiles(monkeypatch, request):
     # several programs per query block, several key tiles per key block (the interpreter has no
-    # tensor-core minimums), and 1, 2 or 8 window rows per step of the query kernels (8: past the
-    # window's last row)
+    # tensor-core minimums), 1, 2 or 8 window rows per step of the query kernels (8: past the
+    # window's last row), and both backward forms (fused: dK / dV by atomics from the query programs)
+    rows, fused = request.param
     monkeypatch.setattr(ht, "_tiles", lambda queries, keys, win: (4, 8, 4))
-    monkeypatch.setattr(ht, "_rows", lambda win, head_dim: request.param)
+    monkeypatch.setattr(ht, "_rows", lambda win, head_dim: rows)
+    monkeypatch.setattr(ht, "_fused_bwd", lambda programs, block, halo: fused)
 
 
 @interpreter
@@ -182,7 +185,9 @@ GPU_SHAPES = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=[str(i) for i in range(len(GPU_SHAPES))])
-def test_gpu_matches_reference(shape, dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["split-bwd", "fused-bwd"])
+def test_gpu_matches_reference(shape, dtype, fused, monkeypatch):
+    monkeypatch.setattr(ht, "_fused_bwd", lambda programs, block, halo: fused)
     B, H, W, heads, D, Dv, b, hs, s = shape
     q, k, v, rh, rw = _inputs(B, H, W, heads, D, Dv, b, hs, s, True, dtype, device="cuda", strided=True)
     ours = _run("triton", q, k, v, rh, rw, b, hs, s, False)
