@@ -131,7 +131,10 @@ def _methods(B, R, T, heads, D, topk, scale, block_sizes, device="cuda"):
             def mask_mod(b, h, q_idx, kv_idx):
                 return routed[b, q_idx // T, kv_idx // T]
 
-            mask = create_block_mask(mask_mod, B, None, R * T, R * T, device=device, BLOCK_SIZE=bs)
+            try:  # compiled mask construction: the eager one evaluates the mask densely (72 GiB at COCO size)
+                mask = create_block_mask(mask_mod, B, None, R * T, R * T, device=device, BLOCK_SIZE=bs, _compile=True)
+            except TypeError:  # pragma: no cover - a torch without the option
+                mask = create_block_mask(mask_mod, B, None, R * T, R * T, device=device, BLOCK_SIZE=bs)
             return (*dense_inputs(), mask)
 
         def flex_run(q, k, v, mask):
@@ -148,6 +151,9 @@ def bench_op(args, emit):
         R, T = S * S, (H // S) * (W // S)
         scale = (heads * D) ** -0.5
         flops = 2 * B * heads * R * T * topk * T * 2 * D
+        # compiled Flex specialises on every shape: past dynamo's recompile limit (8) the later shapes
+        # would silently run its unfused fallback, so each shape starts from an empty cache
+        torch._dynamo.reset()
         for label, (make, run) in _methods(B, R, T, heads, D, topk, scale, args.flex_blocks).items():
             record = dict(part="op", shape=name, batch=B, map=[H, W], n_win=S, heads=heads, topk=topk, method=label)
             try:
