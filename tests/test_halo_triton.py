@@ -129,6 +129,17 @@ def test_triton_matches_reference_and_oracle(case, small_tiles):
 
 
 @interpreter
+@pytest.mark.parametrize("b,s", [(2, 1), (4, 2)])
+def test_triton_one_window_backward(b, s, monkeypatch):
+    """The map is one block held by one program: the fused backward stores dK / dV directly."""
+    monkeypatch.setattr(ht, "_tiles", lambda queries, keys, win: (4, 8, 4))
+    monkeypatch.setattr(ht, "_fused_bwd", lambda programs, block, halo: True)
+    q, k, v, rh, rw = _inputs(2, b, b, 2, 4, 3, b, 2, s, True, torch.float32)
+    for a, r in zip(_run("triton", q, k, v, rh, rw, b, 2, s, False), _run("reference", q, k, v, rh, rw, b, 2, s, False)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@interpreter
 def test_triton_halo_wider_than_block(small_tiles):
     """halo > block: a key lies in the windows of two query blocks per side (REACH = 2)."""
     q, k, v, rh, rw = _inputs(1, 6, 4, 1, 4, 4, 2, 3, 1, True, torch.float32)
@@ -178,6 +189,7 @@ GPU_SHAPES = [
     (8, 14, 14, 8, 24, 72, 7, 2, 1),  # haloregnetz_b (odd block, qk_ratio)
     (4, 48, 36, 4, 32, 32, 12, 2, 1),  # H4 block 12, non-square
     (4, 28, 28, 4, 32, 32, 14, 2, 2),  # H5 block 14, strided
+    (16, 8, 8, 8, 64, 64, 8, 3, 1),  # halonet50ts's last stage at 256 px: the map is one block
 ]
 
 
