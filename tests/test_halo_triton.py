@@ -140,6 +140,33 @@ def test_triton_one_window_backward(b, s, monkeypatch):
 
 
 @interpreter
+def test_triton_deterministic_mode_avoids_atomics(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the backward is the atomic-free two-kernel form."""
+    calls = []
+
+    class Spy:  # counts the launches of the dK/dV kernel
+        def __init__(self, launcher):
+            self.launcher, self.fn = launcher, launcher.fn
+
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return self.launcher(*args, **kwargs)
+
+    monkeypatch.setattr(ht, "_DKDV", Spy(ht._DKDV))
+    monkeypatch.setattr(ht, "_fused_bwd", lambda programs, block, halo: True)
+    q, k, v, rh, rw = _inputs(1, 8, 4, 1, 4, 4, 4, 1, 1, True, torch.float32)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ours = _run("triton", q, k, v, rh, rw, 4, 1, 1, False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert calls, "the fused (atomic) backward ran in deterministic mode"
+    for a, r in zip(ours, _run("reference", q, k, v, rh, rw, 4, 1, 1, False)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@interpreter
 def test_triton_halo_wider_than_block(small_tiles):
     """halo > block: a key lies in the windows of two query blocks per side (REACH = 2)."""
     q, k, v, rh, rw = _inputs(1, 6, 4, 1, 4, 4, 2, 3, 1, True, torch.float32)

@@ -85,6 +85,23 @@ def test_triton_unpacked_backward_paths(case, path, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("case", random_cases(2, seed=23), ids=case_id)
+def test_triton_deterministic_mode_avoids_atomics(case, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` one-region key tiles take the reverse map."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the float32-atomic backward ran in deterministic mode")
+
+    monkeypatch.setattr(rt, "_bwd_atomic", refuse)
+    monkeypatch.setattr(rt, "_kv_tiles", lambda T, Tk: (16, 1, 16, 1, 4))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_against_oracle(case, "triton", torch.float32, 2e-4)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@interpreter
 @pytest.mark.parametrize("path", ["atomic", "reverse"])
 @pytest.mark.parametrize("T", [3, 20], ids=lambda t: f"T{t}")
 def test_triton_duplicate_indices(T, path, monkeypatch):
