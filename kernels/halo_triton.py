@@ -35,7 +35,6 @@ Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use tf32 when
 padded to a power of two (at least 16) and masked. With ``TRITON_INTERPRET=1`` set before triton
 is imported, the kernels run in Triton's interpreter on CPU tensors (how the CPU tests run them).
 """
-import inspect
 import math
 from typing import Optional
 
@@ -405,7 +404,7 @@ def _common(q, k, v, block_size, halo_size, stride):
 
 def _constexprs(launcher: Launcher, **values) -> tuple:
     """The constexpr values in the kernel's signature order (launches pass every argument by position)."""
-    names = [n for n in inspect.signature(launcher.fn.fn).parameters if n in values]
+    names = [n for n in launcher.param_names if n in values]
     assert len(names) == len(values), f"unknown constexprs {set(values) - set(names)}"
     return tuple(values[n] for n in names)
 
