@@ -146,7 +146,7 @@ def test_triton_deterministic_mode_avoids_atomics(monkeypatch):
 
     class Spy:  # counts the launches of the dK/dV kernel
         def __init__(self, launcher):
-            self.launcher, self.fn = launcher, launcher.fn
+            self.launcher, self.param_names = launcher, launcher.param_names
 
         def __call__(self, *args, **kwargs):
             calls.append(1)
