@@ -16,7 +16,7 @@ It writes a markdown table (``--out``) and one JSON line per measurement (``--js
 
 Usage:
     python tools/bench_halo.py --out bench_halo.md [--json bench_halo.jsonl] [--parts op,model]
-        [--op-model halonet50ts] [--op-batch 256] [--model-batch 128] [--no-compile]
+        [--op-model halonet50ts] [--op-batch 256] [--model-batch 128] [--no-compile] [--bwd split,fused]
 """
 import argparse
 import copy
@@ -180,6 +180,8 @@ def main(argv=None):
     p.add_argument("--model-batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed steps per model measurement")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
+    p.add_argument("--bwd", default=None, help="op part once per backward form, comma-separated: split, fused "
+                   "(default: the op's own choice)")
     p.add_argument("--out", default=None, help="markdown table")
     p.add_argument("--json", default=None, help="one JSON line per measurement")
     args = p.parse_args(argv)
@@ -198,7 +200,18 @@ def main(argv=None):
 
     parts = args.parts.split(",")
     if "op" in parts:
-        bench_op(args, emit)
+        if args.bwd is None:
+            bench_op(args, emit)
+        else:  # each backward form in turn (the op's private switch, as the tests force it)
+            import foveal.kernels.halo_triton as halo_triton
+            default = halo_triton._fused_bwd
+            try:
+                for form in args.bwd.split(","):
+                    halo_triton._fused_bwd = lambda programs, block, halo, fused=form == "fused": fused
+                    bench_op(args, lambda record, form=form: emit(dict(record, bwd=form,
+                                                                        method=f"{record['method']} ({form})")))
+            finally:
+                halo_triton._fused_bwd = default
     if "model" in parts:
         bench_model(args, emit)
     table = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}\n\n" + _markdown(records)

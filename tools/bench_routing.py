@@ -294,6 +294,8 @@ def main(argv=None):
     p.add_argument("--model-batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps per model measurement")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
+    p.add_argument("--bwd", default=None, help="op part: foveal alone, once per backward form of one-region key "
+                   "tiles, comma-separated: atomic, reverse (default: all methods, the op's own choice)")
     p.add_argument("--out", default=None, help="markdown table")
     p.add_argument("--json", default=None, help="one JSON line per measurement")
     args = p.parse_args(argv)
@@ -315,7 +317,19 @@ def main(argv=None):
     start = time.perf_counter()
     parts = args.parts.split(",")
     if "op" in parts:
-        bench_op(args, emit)
+        if args.bwd is None:
+            bench_op(args, emit)
+        else:  # foveal alone, once per backward form of one-region key tiles (the op's private switch)
+            from foveal.kernels import routing_triton
+            default, methods = routing_triton._unpacked_bwd, _methods
+            try:
+                for form in args.bwd.split(","):
+                    routing_triton._unpacked_bwd = lambda dense, form=form: form
+                    globals()["_methods"] = lambda *a, form=form, **k: {f"foveal ({form})": methods(*a, **k)["foveal"]}
+                    bench_op(args, emit)
+            finally:
+                routing_triton._unpacked_bwd = default
+                globals()["_methods"] = methods
     if "model" in parts:
         bench_model(args, emit)
     table = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, "
