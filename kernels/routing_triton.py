@@ -23,10 +23,11 @@ writing ``delta``), and dK/dV with one program per packed key tile that walks th
 skipping those whose routing list names none of its regions; a region named twice in a list
 counts twice (the pair's probabilities are weighted by the multiplicity). dK and dV are then
 written once in their dtype. A third form, dQ then a dK/dV kernel that visits only the query
-regions listed for its key region in a reverse routing map (a sort of the routing entries), is
-implemented and tested for one-region key tiles but not yet measured, so not chosen by default
-(``_unpacked_bwd``). (Measured on an H200: the atomic kernel is 3-30x faster at BiFormer's
-stage 1-2 and COCO shapes, the two-kernel form 1.6x faster at stage 3 @ 224.)
+regions listed for its key region in a reverse routing map (a sort of the routing entries), serves
+one-region key tiles under ``torch.use_deterministic_algorithms(True)`` (``_unpacked_bwd``).
+(Measured on an H200: the atomic kernel is 3-30x faster than the scan at BiFormer's stage 1-2
+and COCO shapes and 1.2-1.5x faster than the reverse map; the scan is 1.6x faster than the atomic
+kernel at stage 3 @ 224.)
 
 Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use tf32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set and exact fp32 products otherwise. Head dims (q/k
@@ -572,10 +573,11 @@ def routing_triton_bwd(grad_out, q, k, v, indices, out, lse, grad_lse, scale: fl
 
 
 def _unpacked_bwd(dense: bool) -> str:
-    """The backward of one-region key tiles: ``"atomic"`` (one kernel, float32 atomics: measured
-    fastest so far) or ``"reverse"`` (dQ, then dK/dV over a reverse routing map: no atomics, a few
-    small index kernels; not yet measured on a GPU). The dense case has no routing to reverse.
-    Tests replace it to force either."""
+    """The backward of one-region key tiles: ``"atomic"`` (one kernel, float32 atomics) or
+    ``"reverse"`` (dQ, then dK/dV over a reverse routing map: no atomics, a few small index
+    kernels; on an H200 1.2-1.5x slower than the atomic kernel at BiFormer's shapes, a third of its
+    memory). Deterministic mode takes the reverse map whatever this says; the dense case has no
+    routing to reverse. Tests and ``tools/bench_routing.py --bwd`` replace it to force either."""
     return "atomic"
 
 
