@@ -3,6 +3,7 @@ import inspect
 import os
 import random
 import re
+from typing import Optional
 
 import pytest
 import torch
@@ -230,6 +231,48 @@ def test_env_lookup_follows_os_environ(monkeypatch):
     assert env("FOVEAL_TEST_SWITCH") == "é"
     monkeypatch.delenv("FOVEAL_TEST_SWITCH")
     assert env("FOVEAL_TEST_SWITCH") is None
+
+
+def test_lean_op_paths():
+    """A LeanOp runs its function directly on plain tensors when nothing is differentiated, records
+    its formula when an input requires grad, and keeps a formula-less op's outputs off the graph."""
+    from foveal.kernels.dispatch import custom_op
+
+    calls = []
+
+    @custom_op("foveal_test::lean_scale")
+    def lean_scale(x: torch.Tensor, w: Optional[torch.Tensor], factor: float) -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        return x * factor if w is None else x * w * factor
+
+    @custom_op("foveal_test::lean_scale_nograd")
+    def lean_scale_nograd(x: torch.Tensor, factor: float) -> torch.Tensor:
+        return x * factor
+
+    lean_scale.register_fake(lambda x, w, factor: torch.empty_like(x))
+    lean_scale.register_autograd(
+        lambda ctx, g: (g * ctx.factor if ctx.w is None else g * ctx.w * ctx.factor, None, None),
+        lambda ctx, inputs, out: setattr(ctx, "w", inputs[1]) or setattr(ctx, "factor", inputs[2]))
+    assert lean_scale._tensor_args == (0, 1)
+
+    x = torch.randn(3, 4)
+    assert lean_scale(x, None, 2.0).grad_fn is None and torch.equal(lean_scale(x, None, 2.0), 2 * x)
+    xg = x.clone().requires_grad_()
+    w = torch.randn(3, 4, requires_grad=True)
+    out = lean_scale(xg, None, 3.0)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert torch.equal(xg.grad, torch.full_like(x, 3.0))
+    out = lean_scale(x, w, 1.0)  # only the optional tensor requires grad
+    assert out.grad_fn is not None
+    with torch.no_grad():
+        assert lean_scale(xg, None, 2.0).grad_fn is None
+    assert calls[-1] is False
+    y = lean_scale_nograd(xg, 2.0)  # no formula: not differentiable, as before
+    assert y.grad_fn is None and not y.requires_grad
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # not plain: the fake runs
+        fake = lean_scale(torch.empty(2, 2), None, 1.0)
+    assert fake.shape == (2, 2)
 
 
 def test_backend_selection(monkeypatch):
