@@ -15,6 +15,7 @@
 # Environment:
 #   FOVEAL_MM_WHEELS     folder searched for a prebuilt mmcv 2.1.0 wheel
 #   FOVEAL_WHEEL_CACHE   where built wheels are kept (default: ~/.cache/foveal/wheels)
+#   FOVEAL_MMCV_SDIST    a local mmcv-2.1.0.tar.gz to build from (no download; for offline machines)
 #   FOVEAL_MMCV_TORCH    torch version the prebuilt wheels in FOVEAL_MM_WHEELS were built against
 #                        (default 2.14.1)
 #   FORCE_CUDA=1         build mmcv's CUDA ops (default: on when torch sees a GPU); a CPU-only
@@ -72,15 +73,24 @@ if [ -z "$wheel" ]; then
     echo "building mmcv $MMCV_VERSION against torch $torch_version (FORCE_CUDA=$FORCE_CUDA); about 10 minutes on 2 cores"
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
-    "$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "mmcv==$MMCV_VERSION"
-    tar -xzf "$work"/mmcv-"$MMCV_VERSION".tar.gz -C "$work"
+    if [ -n "${FOVEAL_MMCV_SDIST:-}" ]; then  # an offline machine: the sdist carried there
+        sdist="$FOVEAL_MMCV_SDIST"
+    else
+        # no build isolation: an isolated metadata build would take a setuptools without pkg_resources
+        "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$work" "mmcv==$MMCV_VERSION"
+        sdist="$work/mmcv-$MMCV_VERSION.tar.gz"
+    fi
+    tar -xzf "$sdist" -C "$work"
     src="$work/mmcv-$MMCV_VERSION"
     grep -q "'-std=c++17'" "$src/setup.py" || { echo "mmcv's setup.py no longer names -std=c++17" >&2; exit 1; }
     sed -i "s/'-std=c++17'/'-std=c++20'/g" "$src/setup.py"
     mkdir -p "$cache_dir"
     # CFLAGS replaces Python's default flags: give the whole optimised set, without debug info
     # (-g makes the build several times slower and the wheel 20x larger)
-    (cd "$src" && MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    # mmcv's setup.py builds CUDA ops whenever torch sees a GPU: hide it for a CPU-only build
+    hide_gpus=()
+    [ "$FORCE_CUDA" = 1 ] || hide_gpus=(CUDA_VISIBLE_DEVICES=)
+    (cd "$src" && env "${hide_gpus[@]}" MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         CFLAGS="-Wsign-compare -DNDEBUG -g0 -fwrapv -O3 -Wall" \
         "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$cache_dir" .)
     wheel="$(find_wheel "$cache_dir")"
