@@ -16,7 +16,7 @@ It writes a markdown table (``--out``) and one JSON line per measurement (``--js
 
 Usage:
     python tools/bench_halo.py --out bench_halo.md [--json bench_halo.jsonl] [--parts op,model]
-        [--op-model halonet50ts] [--op-batch 256] [--model-batch 128] [--no-compile] [--bwd split,fused]
+        [--op-model halonet50ts] [--op-batch 256] [--model-batch 128] [--no-compile | --compiled-only] [--bwd split,fused]
 """
 import argparse
 import copy
@@ -131,10 +131,17 @@ def _model_run(model, batch: int, size: int, train: bool, steps: int):
     return batch * steps / seconds, torch.cuda.max_memory_allocated() / 2**30
 
 
+def _compile_modes(args):
+    """The model part's compile settings: eager and compiled, eager only or compiled only."""
+    if args.compiled_only:
+        return (True,)
+    return (False, True) if args.compile else (False,)
+
+
 def bench_model(args, emit):
     for name in args.models.split(","):
         for variant in ("timm", "foveal.accelerate"):
-            for compiled in (False, True) if args.compile else (False,):
+            for compiled in _compile_modes(args):
                 torch.manual_seed(0)
                 model = timm.create_model(name).cuda().to(memory_format=torch.channels_last)
                 if variant != "timm":
@@ -180,6 +187,7 @@ def main(argv=None):
     p.add_argument("--model-batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed steps per model measurement")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
+    p.add_argument("--compiled-only", action="store_true", help="torch.compile only (no eager rows)")
     p.add_argument("--bwd", default=None, help="op part once per backward form, comma-separated: split, fused "
                    "(default: the op's own choice)")
     p.add_argument("--out", default=None, help="markdown table")

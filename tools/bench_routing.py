@@ -24,7 +24,7 @@ run goes on. It writes a markdown table (``--out``) and one JSON line per measur
 
 Usage:
     python tools/bench_routing.py --out bench_routing.md [--json bench_routing.jsonl] [--parts op,model]
-        [--quick] [--no-compile] [--model-batch 128] [--steps 10]
+        [--quick] [--no-compile | --compiled-only] [--model-batch 128] [--steps 10]
 """
 import argparse
 import json
@@ -217,10 +217,17 @@ def _build(name):
     return timm.create_model(name)
 
 
+def _compile_modes(args):
+    """The model part's compile settings: eager and compiled, eager only or compiled only."""
+    if args.compiled_only:
+        return (True,)
+    return (False, True) if args.compile else (False,)
+
+
 def bench_model(args, emit):
     names = ["biformer_small", "official biformer_small", "swin_tiny_patch4_window7_224"]
     for name in names:
-        for compiled in (False, True) if args.compile else (False,):
+        for compiled in _compile_modes(args):
             record = dict(part="model", model=name, compiled=compiled, batch=args.model_batch, size=224)
             try:
                 torch.manual_seed(0)
@@ -294,6 +301,7 @@ def main(argv=None):
     p.add_argument("--model-batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps per model measurement")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
+    p.add_argument("--compiled-only", action="store_true", help="torch.compile only (no eager rows)")
     p.add_argument("--bwd", default=None, help="op part: foveal alone, once per backward form of one-region key "
                    "tiles, comma-separated: atomic, reverse (default: all methods, the op's own choice)")
     p.add_argument("--out", default=None, help="markdown table")
