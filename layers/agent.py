@@ -26,7 +26,38 @@ from timm.layers import trunc_normal_
 
 from foveal.kernels import agent_attention
 
-__all__ = ["AgentAttention", "compose_agent_bias"]
+__all__ = ["AgentAttention", "AgentTablesMixin", "compose_agent_bias", "squeeze_agent_tables", "AGENT_TABLE_NAMES"]
+
+# The row / column bias tables. The release files hold them with a leading singleton dim (5-D), which
+# `Module.to(memory_format=torch.channels_last)` rejects (it converts every 5-D tensor and needs
+# channels_last_3d there); the modules keep them 4-D and read either layout.
+AGENT_TABLE_NAMES = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+
+
+def _is_release_table(key: str, value) -> bool:
+    return (isinstance(value, Tensor) and value.dim() == 5 and value.shape[0] == 1
+            and key.rsplit(".", 1)[-1] in AGENT_TABLE_NAMES)
+
+
+def squeeze_agent_tables(state_dict):
+    """A state dict with its 5-D release-layout row / column tables (``[1, H, ...]``) in the modules' 4-D layout."""
+    return {k: v[0] if _is_release_table(k, v) else v for k, v in state_dict.items()}
+
+
+class AgentTablesMixin:
+    """``load_state_dict`` of a module holding the row / column tables accepts their release (5-D) layout too."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in AGENT_TABLE_NAMES:
+            key = prefix + name
+            if _is_release_table(key, state_dict.get(key)):
+                state_dict[key] = state_dict[key][0]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _table(t: Tensor) -> Tensor:
+    """A row / column table in the 4-D layout (a 5-D release-layout one loses its leading singleton dim)."""
+    return t[0] if t.dim() == 5 else t
 
 
 def _pair(value, name: str) -> Tuple[int, int]:
@@ -78,10 +109,10 @@ def compose_agent_bias(
     Args:
         an_bias: Agent <- key block table ``[H, n, 7, 7]`` (any block size).
         na_bias: Query <- agent block table ``[H, n, 7, 7]``.
-        ah_bias: Agent <- key row table ``[1, H, n, h0, 1]``.
-        aw_bias: Agent <- key column table ``[1, H, n, 1, w0]``.
-        ha_bias: Query <- agent row table ``[1, H, h0, 1, n]``.
-        wa_bias: Query <- agent column table ``[1, H, 1, w0, n]``.
+        ah_bias: Agent <- key row table ``[H, n, h0, 1]`` (the release files' ``[1, H, n, h0, 1]`` too).
+        aw_bias: Agent <- key column table ``[H, n, 1, w0]`` (or ``[1, H, n, 1, w0]``).
+        ha_bias: Query <- agent row table ``[H, h0, 1, n]`` (or ``[1, H, h0, 1, n]``).
+        wa_bias: Query <- agent column table ``[H, 1, w0, n]`` (or ``[1, H, 1, w0, n]``).
         size: ``(h, w)`` of the window the tokens fill (row-major); the block tables are resized to
             it, the row / column tables too where ``h != h0`` or ``w != w0``.
         agent_shape: ``(P, Q)`` grid of the pooled agents when it differs from the tables'
@@ -96,9 +127,9 @@ def compose_agent_bias(
     """
     heads, n = an_bias.shape[0], an_bias.shape[1]
     h, w = size[0], size[1]
-    ak = _resize(an_bias, (h, w)) + _resize(ah_bias[0], (h, 1)) + _resize(aw_bias[0], (1, w))  # H, n, h, w
-    qa = (_resize(na_bias, (h, w)) + _resize(ha_bias[0].permute(0, 3, 1, 2), (h, 1))
-          + _resize(wa_bias[0].permute(0, 3, 1, 2), (1, w)))  # H, n, h, w
+    ak = _resize(an_bias, (h, w)) + _resize(_table(ah_bias), (h, 1)) + _resize(_table(aw_bias), (1, w))  # H, n, h, w
+    qa = (_resize(na_bias, (h, w)) + _resize(_table(ha_bias).permute(0, 3, 1, 2), (h, 1))
+          + _resize(_table(wa_bias).permute(0, 3, 1, 2), (1, w)))  # H, n, h, w
     ak = ak.reshape(heads, n, h * w)
     qa = qa.reshape(heads, n, h * w)
     if ac_bias is not None:
@@ -122,7 +153,7 @@ def _explicit_agent_attention(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, b
     return out.transpose(1, 2)  # B, N, H, D
 
 
-class AgentAttention(nn.Module):
+class AgentAttention(AgentTablesMixin, nn.Module):
     """Global agent attention over one token map (Agent-Swin "A" blocks, Agent-PVT, Agent-DeiT)."""
     fused_qkv: torch.jit.Final[bool]
     num_prefix_tokens: torch.jit.Final[int]
@@ -186,10 +217,10 @@ class AgentAttention(nn.Module):
         h0, w0 = self.window_size
         self.an_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7, 7, **dd))
         self.na_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7, 7, **dd))
-        self.ah_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, h0, 1, **dd))
-        self.aw_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, 1, w0, **dd))
-        self.ha_bias = nn.Parameter(torch.empty(1, num_heads, h0, 1, agent_num, **dd))
-        self.wa_bias = nn.Parameter(torch.empty(1, num_heads, 1, w0, agent_num, **dd))
+        self.ah_bias = nn.Parameter(torch.empty(num_heads, agent_num, h0, 1, **dd))
+        self.aw_bias = nn.Parameter(torch.empty(num_heads, agent_num, 1, w0, **dd))
+        self.ha_bias = nn.Parameter(torch.empty(num_heads, h0, 1, agent_num, **dd))
+        self.wa_bias = nn.Parameter(torch.empty(num_heads, 1, w0, agent_num, **dd))
         if cls_token:
             self.ac_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, 1, **dd))
             self.ca_bias = nn.Parameter(torch.empty(1, num_heads, 1, agent_num, **dd))
@@ -217,10 +248,10 @@ class AgentAttention(nn.Module):
             return
         self.window_size = (h, w)
         resized = {
-            "ah_bias": _resize(self.ah_bias[0], (h, 1))[None],
-            "aw_bias": _resize(self.aw_bias[0], (1, w))[None],
-            "ha_bias": _resize(self.ha_bias[0].permute(0, 3, 1, 2), (h, 1)).permute(0, 2, 3, 1)[None],
-            "wa_bias": _resize(self.wa_bias[0].permute(0, 3, 1, 2), (1, w)).permute(0, 2, 3, 1)[None],
+            "ah_bias": _resize(self.ah_bias, (h, 1)),
+            "aw_bias": _resize(self.aw_bias, (1, w)),
+            "ha_bias": _resize(self.ha_bias.permute(0, 3, 1, 2), (h, 1)).permute(0, 2, 3, 1),
+            "wa_bias": _resize(self.wa_bias.permute(0, 3, 1, 2), (1, w)).permute(0, 2, 3, 1),
         }
         for name, value in resized.items():
             old = getattr(self, name)

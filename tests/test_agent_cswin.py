@@ -106,7 +106,7 @@ def test_other_resolution_matches_official_finetune_rule():
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
         at_448 = _load(timm.create_model('agent_cswin_tiny', num_classes=10, img_size=448, **NARROW), checkpoint)
         torch.testing.assert_close(at_448(x), ref, rtol=1e-4, atol=1e-4)
-    assert at_448.stages[0].blocks[0].attns[0].ah_bias.shape == (1, 2, 9, 112, 1)
+    assert at_448.stages[0].blocks[0].attns[0].ah_bias.shape == (2, 9, 112, 1)
 
 
 @pytest.mark.parametrize('size', [(288, 288), (384, 384), (256, 320)])
@@ -163,12 +163,12 @@ def test_agent_biases_non_square():
     def resize(table, size):  # heads, n, length -> heads, n, size
         return F.interpolate(table, size=size, mode='linear')
 
-    rows_ak = resize(attn.ah_bias[0, :, :, :, 0], 3)  # heads, n, 3
-    cols_ak = resize(attn.aw_bias[0, :, :, 0, :], 5)  # heads, n, 5
+    rows_ak = resize(attn.ah_bias[:, :, :, 0], 3)  # heads, n, 3
+    cols_ak = resize(attn.aw_bias[:, :, 0, :], 5)  # heads, n, 5
     an = F.interpolate(attn.an_bias, size=(3, 5), mode='bilinear')
     torch.testing.assert_close(bias_ak, (an + rows_ak[..., None] + cols_ak[:, :, None]).flatten(2))
-    rows_qa = resize(attn.ha_bias[0, :, :, 0].transpose(1, 2), 3).transpose(1, 2)  # heads, 3, n
-    cols_qa = resize(attn.wa_bias[0, :, 0].transpose(1, 2), 5).transpose(1, 2)  # heads, 5, n
+    rows_qa = resize(attn.ha_bias[:, :, 0].transpose(1, 2), 3).transpose(1, 2)  # heads, 3, n
+    cols_qa = resize(attn.wa_bias[:, 0].transpose(1, 2), 5).transpose(1, 2)  # heads, 5, n
     na = F.interpolate(attn.na_bias, size=(3, 5), mode='bilinear').flatten(2).transpose(1, 2)
     torch.testing.assert_close(bias_qa, na + (rows_qa[:, :, None] + cols_qa[:, None]).flatten(1, 2))
     with pytest.raises(ValueError, match='square'):

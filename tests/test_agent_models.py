@@ -15,6 +15,7 @@ import torch
 import foveal  # noqa: F401  (registers the models)
 from foveal import agent_deit, agent_pvt, agent_swin
 from foveal.layers import AgentAttention, compose_agent_bias
+from foveal.layers.agent import AGENT_TABLE_NAMES
 from agent_official import OFFICIAL_VARIANTS, OfficialAgentAttention, build_official, randomize
 from test_timm_suite import _results
 from timm_sdist import load_timm_test_models, timm_tests_dir
@@ -67,7 +68,20 @@ def test_layer_matches_official(kind, size, agent_shape):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
     grads = dict(official.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+        # the row / column tables are 4-D here, 5-D ([1, ...]) in the official layout
+        torch.testing.assert_close(p.grad, grads[name].grad.reshape(p.shape), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('name', ['test_agent_swin', 'test_agent_pvt', 'test_agent_deit', 'test_agent_cswin'])
+def test_channels_last_model(name):
+    """`model.to(memory_format=torch.channels_last)` (timm's --channels-last) converts every 4-D / 5-D tensor;
+    the row / column tables are kept 4-D so it works, and the outputs do not change."""
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, *model.default_cfg['input_size'][1:])
+    with torch.no_grad():
+        ref = model(x)
+        model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_compose_agent_bias_broadcast_shapes_and_cls():
@@ -96,7 +110,7 @@ def test_layer_scripts_set_window_and_errors():
         y = torch.randn(2, 1 + 8 * 10, 16)
         dynamic = ours(y, (8, 10))
         ours.set_window_size((8, 10))
-        assert ours.ah_bias.shape == (1, 2, 4, 8, 1) and ours.wa_bias.shape == (1, 2, 1, 10, 4)
+        assert ours.ah_bias.shape == (2, 4, 8, 1) and ours.wa_bias.shape == (2, 1, 10, 4)
         torch.testing.assert_close(ours(y, (8, 10)), dynamic)
     with pytest.raises(ValueError, match='perfect square'):
         AgentAttention(16, num_heads=2, agent_num=8)
@@ -158,7 +172,8 @@ def _to_official_swin(sd, official):
     out = dict(official.state_dict())  # its persistent index / mask buffers
     for k, v in sd.items():
         k = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) - 1}.downsample', k)
-        out[re.sub(r'^head\.fc\.', 'head.', k)] = v
+        k = re.sub(r'^head\.fc\.', 'head.', k)
+        out[k] = v[None] if k.endswith(AGENT_TABLE_NAMES) else v  # the 5-D release layout of the row / column tables
     return out
 
 

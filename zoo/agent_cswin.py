@@ -37,29 +37,31 @@ from ._checkpoint import load_release_weights, release_cfg
 from ._staged import StagedTimmMixin
 from .kernels import agent_attention
 from .layers import AddLayerNorm, RecomputeMlp
+from .layers.agent import AgentTablesMixin, squeeze_agent_tables
 
 __all__ = ['AgentCSWin']  # model_registry will add each entrypoint fn to this
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
-# the row / column bias tables: (the dim of their length, agents last) in the release layout
-_AGENT_TABLES = {'ah_bias': (3, False), 'aw_bias': (4, False), 'ha_bias': (2, True), 'wa_bias': (3, True)}
+# the row / column bias tables: (the dim of their length, agents last) in the modules' 4-D layout (the
+# release files add a leading singleton dim: foveal.layers.agent.squeeze_agent_tables)
+_AGENT_TABLES = {'ah_bias': (2, False), 'aw_bias': (3, False), 'ha_bias': (1, True), 'wa_bias': (2, True)}
 
 
 def _resize_table(table: torch.Tensor, name: str, size: int) -> torch.Tensor:
-    """A row / column bias table (release layout, see ``_AGENT_TABLES``) linearly resized along its length."""
-    if name == 'ah_bias':
-        dim, agents_last = 3, False
+    """A row / column bias table (4-D layout, see ``_AGENT_TABLES``) linearly resized along its length."""
+    if name == 'ah_bias':  # the entries of _AGENT_TABLES (TorchScript reads no global dict)
+        dim, agents_last = 2, False
     elif name == 'aw_bias':
-        dim, agents_last = 4, False
+        dim, agents_last = 3, False
     elif name == 'ha_bias':
-        dim, agents_last = 2, True
+        dim, agents_last = 1, True
     else:
-        dim, agents_last = 3, True
+        dim, agents_last = 2, True
     if table.shape[dim] == size:
         return table
     shape = list(table.shape)
-    heads, length = shape[1], shape[dim]
+    heads, length = shape[0], shape[dim]
     agents = table.numel() // (heads * length)
     t = table.reshape(heads, length, agents).transpose(1, 2) if agents_last else table.reshape(heads, agents, length)
     t = F.interpolate(t, size=size, mode='linear', align_corners=False)  # heads, agents, size
@@ -67,7 +69,7 @@ def _resize_table(table: torch.Tensor, name: str, size: int) -> torch.Tensor:
     return (t.transpose(1, 2) if agents_last else t).reshape(shape)
 
 
-class CSWinAgentAttention(nn.Module):
+class CSWinAgentAttention(AgentTablesMixin, nn.Module):
     """Agent attention over the whole map, plus a depthwise 3x3 conv of v (the "A" branch of a block)."""
 
     def __init__(
@@ -102,16 +104,16 @@ class CSWinAgentAttention(nn.Module):
         self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.an_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7, 7, **dd))
         self.na_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7, 7, **dd))
-        self.ah_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, h, 1, **dd))
-        self.aw_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, 1, w, **dd))
-        self.ha_bias = nn.Parameter(torch.empty(1, num_heads, h, 1, agent_num, **dd))
-        self.wa_bias = nn.Parameter(torch.empty(1, num_heads, 1, w, agent_num, **dd))
+        self.ah_bias = nn.Parameter(torch.empty(num_heads, agent_num, h, 1, **dd))
+        self.aw_bias = nn.Parameter(torch.empty(num_heads, agent_num, 1, w, **dd))
+        self.ha_bias = nn.Parameter(torch.empty(num_heads, h, 1, agent_num, **dd))
+        self.wa_bias = nn.Parameter(torch.empty(num_heads, 1, w, agent_num, **dd))
         for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
             trunc_normal_(p, std=.02)
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, '
-                f'table_size={tuple(self.ah_bias.shape[3:4]) + tuple(self.aw_bias.shape[4:])}')
+                f'table_size={tuple(self.ah_bias.shape[2:3]) + tuple(self.aw_bias.shape[3:])}')
 
     @torch.no_grad()
     def set_table_size(self, table_size: _int_or_tuple_2_t) -> None:
@@ -125,10 +127,10 @@ class CSWinAgentAttention(nn.Module):
     def biases(self, H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The composed agent <- key ``[heads, n, H * W]`` and query <- agent ``[heads, H * W, n]`` biases."""
         heads, n = self.num_heads, self.agent_num
-        ah = _resize_table(self.ah_bias, 'ah_bias', H)[0]  # heads, n, H, 1
-        aw = _resize_table(self.aw_bias, 'aw_bias', W)[0]  # heads, n, 1, W
-        ha = _resize_table(self.ha_bias, 'ha_bias', H)[0]  # heads, H, 1, n
-        wa = _resize_table(self.wa_bias, 'wa_bias', W)[0]  # heads, 1, W, n
+        ah = _resize_table(self.ah_bias, 'ah_bias', H)  # heads, n, H, 1
+        aw = _resize_table(self.aw_bias, 'aw_bias', W)  # heads, n, 1, W
+        ha = _resize_table(self.ha_bias, 'ha_bias', H)  # heads, H, 1, n
+        wa = _resize_table(self.wa_bias, 'wa_bias', W)  # heads, 1, W, n
         an = F.interpolate(self.an_bias, size=(H, W), mode='bilinear', align_corners=False)  # heads, n, H, W
         na = F.interpolate(self.na_bias, size=(H, W), mode='bilinear', align_corners=False)
         bias_ak = (an + ah + aw).reshape(heads, n, H * W)
@@ -621,6 +623,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             state_dict = state_dict[key]
             break
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = squeeze_agent_tables(state_dict)
     official = 'stem.conv.weight' not in state_dict
     out_dict = {}
     for k, v in state_dict.items():

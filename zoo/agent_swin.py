@@ -30,6 +30,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from ._checkpoint import load_release_weights, release_cfg
 from ._staged import StagedTimmMixin
 from .layers import AgentAttention
+from .layers.agent import squeeze_agent_tables
 
 __all__ = ['AgentSwinTransformer']  # model_registry will add each entrypoint fn to this
 
@@ -429,19 +430,20 @@ class AgentSwinTransformer(StagedTimmMixin, nn.Module):
 
 
 def _resize_row_col(name: str, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Row / column agent tables of a checkpoint trained at another size, resized to the model's."""
+    """Row / column agent tables (4-D layout) of a checkpoint trained at another size, resized to the model's."""
     if name.endswith(('ah_bias', 'aw_bias')):
         size = target.shape[-2:]
-        return torch.nn.functional.interpolate(v[0].float(), size=size, mode='bilinear')[None].to(target.dtype)
-    size = target.shape[2:4]  # ha / wa: 1, H, h, w, n
-    v = torch.nn.functional.interpolate(v[0].permute(0, 3, 1, 2).float(), size=size, mode='bilinear')
-    return v.permute(0, 2, 3, 1)[None].to(target.dtype)
+        return torch.nn.functional.interpolate(v.float(), size=size, mode='bilinear').to(target.dtype)
+    size = target.shape[1:3]  # ha / wa: H, h, w, n
+    v = torch.nn.functional.interpolate(v.permute(0, 3, 1, 2).float(), size=size, mode='bilinear')
+    return v.permute(0, 2, 3, 1).to(target.dtype)
 
 
 def resize_agent_tables(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Resize the row / column agent tables (linearly) and Swin relative position tables (bicubically, square
     windows) of a state dict in this module's layout to the model's shapes (a checkpoint of another input
-    size), as the authors' fine-tuning loader does."""
+    size), as the authors' fine-tuning loader does. Release-layout (5-D) row / column tables become 4-D."""
+    state_dict = squeeze_agent_tables(state_dict)
     if model is None:
         return state_dict
     own = model.state_dict()
