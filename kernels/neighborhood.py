@@ -243,6 +243,28 @@ def _check_call(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, b
     return name, list(kernel_size), list(dilation), list(stride), list(is_causal), scale
 
 
+def resolve_call(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, backend, na_dim):
+    """``(backend name, kernel_size, dilation, stride, is_causal, scale)`` of a call, as the custom op
+    takes them, after its checks (once per call signature; raises as :func:`na2d` does)."""
+    resolved = key = None
+    if not torch.compiler.is_compiling():  # dynamo folds the checks into the graph instead
+        try:
+            key = (na_dim, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                   None if rpb is None else (rpb.shape, rpb.dtype, rpb.device), _hashable(kernel_size),
+                   _hashable(dilation), _hashable(stride), _hashable(is_causal), scale, backend,
+                   env(BACKEND_ENV))
+            resolved = _CHECKED.get(key)
+        except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the checks say why
+            key = None
+    if resolved is None:
+        resolved = _check_call(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, backend, na_dim)
+        if key is not None:
+            if len(_CHECKED) > 4096:
+                _CHECKED.clear()
+            _CHECKED[key] = resolved
+    return resolved
+
+
 # -- public API -----------------------------------------------------------------------------------
 
 def neighborhood_attention(
@@ -264,22 +286,7 @@ def neighborhood_attention(
 
     See :func:`na2d` for the arguments.
     """
-    resolved = key = None
-    if not torch.compiler.is_compiling():  # dynamo folds the checks into the graph instead
-        try:
-            key = (na_dim, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-                   None if rpb is None else (rpb.shape, rpb.dtype, rpb.device), _hashable(kernel_size),
-                   _hashable(dilation), _hashable(stride), _hashable(is_causal), scale, backend,
-                   env(BACKEND_ENV))
-            resolved = _CHECKED.get(key)
-        except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the checks say why
-            key = None
-    if resolved is None:
-        resolved = _check_call(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, backend, na_dim)
-        if key is not None:
-            if len(_CHECKED) > 4096:
-                _CHECKED.clear()
-            _CHECKED[key] = resolved
+    resolved = resolve_call(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, backend, na_dim)
     if not isinstance(return_lse, bool):
         raise TypeError(f"na{q.dim() - 3 if na_dim is None else na_dim}d: return_lse must be a bool, "
                         f"got {type(return_lse).__name__}")

@@ -19,6 +19,9 @@ from typing import Any, Dict, Final, List, Optional, Sequence, Set, Tuple, Type,
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
+from torch.nn.modules.module import _global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks, \
+    _global_forward_pre_hooks
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, to_ntuple, \
@@ -30,6 +33,8 @@ from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
 
 from ._staged import StagedTimmMixin
+from .kernels.dispatch import eager_ok, env
+from .kernels.na_block import NABlockConfig, na_block
 from .layers import AddLayerNorm, NeighborhoodAttention2d, RecomputeMlp
 
 __all__ = ['NAT', 'NATIsotropic']  # model_registry will add each entrypoint fn to this
@@ -41,6 +46,9 @@ _int_or_seq_t = Union[int, Sequence[int]]
 register_notrace_module(NeighborhoodAttention2d)
 register_notrace_module(RecomputeMlp)
 register_notrace_module(AddLayerNorm)
+
+
+_GLOBAL_HOOKS = (_global_forward_hooks, _global_forward_pre_hooks, _global_backward_hooks, _global_backward_pre_hooks)
 
 
 def _resolve_dilations(
@@ -60,6 +68,7 @@ def _resolve_dilations(
 class NATBlock(nn.Module):
     """Pre-norm transformer block: neighborhood attention then MLP, each with optional layer scale."""
     fused_norm: Final[bool]
+    whole_block: Final[bool]
 
     def __init__(
             self,
@@ -124,6 +133,8 @@ class NATBlock(nn.Module):
                 **dd,
             )
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # the layers na_block computes: nn.LayerNorm norms, the GELU MLP, timm's DropPath
+        self.whole_block = self.fused_norm and isinstance(self.mlp, RecomputeMlp)
         if ls_init_value is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(ls_init_value), **dd))
             self.gamma2 = nn.Parameter(torch.full((dim,), float(ls_init_value), **dd))
@@ -153,6 +164,8 @@ class NATBlock(nn.Module):
         Returns:
             ``(x', y')`` (B, H, W, C) each, whose sum is the block output.
         """
+        if not torch.jit.is_scripting() and self._one_node(x, y):
+            return self._forward_one_node(x, y)
         if y is None:
             h = self.norm1(x)
         elif self.fused_norm:
@@ -178,6 +191,44 @@ class NATBlock(nn.Module):
         if self.gamma2 is not None:
             y = self.gamma2 * y
         return x, self.drop_path2(y)
+
+    @torch.jit.unused
+    def _one_node(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> bool:
+        """True when the call can run as one ``foveal.kernels.na_block`` node: the modules' own
+        computation (same parameters, dtypes and DropPath draws), without their per-module host time.
+        Not under torch.compile / fx / dispatch modes (they see the modules), with hooks on the
+        submodules, with dropout, custom norm or MLP layers, maps that need padding, or with the
+        environment variable ``FOVEAL_NA_BLOCK=0``."""
+        if not self.whole_block or isinstance(x, Proxy) or isinstance(y, Proxy) or not eager_ok(x, y) \
+                or env('FOVEAL_NA_BLOCK') == '0':
+            return False
+        attn, mlp = self.attn, self.mlp
+        window = attn.kernel_size * attn.dilation
+        if x.dim() != 4 or x.shape[1] < window or x.shape[2] < window:
+            return False
+        if self.training and (attn.attn_drop.p > 0. or not isinstance(attn.proj_drop, nn.Identity)
+                              or mlp.drop1.p > 0. or mlp.drop2.p > 0.):
+            return False
+        if _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3]:
+            return False
+        for module in (self.norm1, attn, attn.qkv, attn.proj, self.drop_path1, self.norm2, mlp, mlp.fc1, mlp.act,
+                       mlp.fc2, self.drop_path2):
+            if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks \
+                    or module._backward_pre_hooks:
+                return False
+        return True
+
+    @torch.jit.unused
+    def _forward_one_node(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
+        cfg = NABlockConfig(
+            attn.num_heads, attn.kernel_size, attn.dilation, attn.scale, norm1.eps, norm2.eps, mlp.act.approximate,
+            getattr(self.drop_path1, 'drop_prob', 0.), getattr(self.drop_path2, 'drop_prob', 0.),
+            getattr(self.drop_path1, 'scale_by_keep', True), attn.backend)
+        return na_block(
+            x, y, norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias, attn.rpb, attn.proj.weight,
+            attn.proj.bias, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+            self.gamma1, self.gamma2, cfg, self.training)
 
     @torch.jit.unused
     def _norm2_fc1_fused(self) -> bool:
