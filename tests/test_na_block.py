@@ -159,12 +159,12 @@ def test_triton_one_node_is_the_module_path(ls, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["nat_tiny", "dinat_tiny"])
-def test_gpu_models_one_node_matches_modules(name, monkeypatch):
+def test_gpu_dinat_tiny_one_node_matches_modules(monkeypatch):
+    """Every NAT-T stage shape, dilated and not, under bf16 autocast (the compiled kernels of one dtype)."""
     torch.manual_seed(0)
-    model = timm.create_model(name, drop_path_rate=0.2).cuda()
-    x = torch.randn(4, 3, 224, 224, device="cuda")
-    for dtype, tol in ((None, 1e-3), (torch.bfloat16, 2e-2)):
+    model = timm.create_model("dinat_tiny", drop_path_rate=0.2).cuda()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    for dtype, tol in ((torch.bfloat16, 2e-2),):
         (o1, g1, _), (o2, g2, _) = _run(model, x, False, monkeypatch, dtype), _run(model, x, True, monkeypatch, dtype)
         assert ((o1.float() - o2.float()).norm() / o1.float().norm()).item() < tol / 10
         for n in g1:
