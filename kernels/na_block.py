@@ -134,8 +134,9 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _forward(x, y, p, cfg: NABlockConfig, training: bool):
-    """The block's forward; returns ``(s2, m, saved)``: what the backward needs, its plan last."""
+def _forward(x, y, p, cfg: NABlockConfig, training: bool, keep: bool = True):
+    """The block's forward; returns ``(s2, m, saved)``: what the backward needs, its plan last
+    (``saved`` is None when not ``keep``: each intermediate is then freed once it is used)."""
     (n1w, n1b, wqkv, bqkv, rpb, wp, bp, n2w, n2b, w1, b1, w2, b2, gamma1, gamma2) = p
     norm1, cd, eps1 = _resolve_norm(x, y, n1w, n1b, cfg.eps1, None, cfg.norm_backend)
     h1, s, mean1, rstd1 = NORM_BACKENDS[norm1].fwd(x, y, n1w, n1b, eps1, cd)
@@ -148,17 +149,34 @@ def _forward(x, y, p, cfg: NABlockConfig, training: bool):
                          f"qkv_weight.shape={tuple(wqkv.shape)}, C={C}, num_heads={heads}")
     wqkv, bqkv, wp, bp, w1, b1, w2, b2 = _cast_all((wqkv, bqkv, wp, bp, w1, b1, w2, b2), cd)
     qkv = F.linear(h1, wqkv, bqkv).view(B, H, W, 3, heads, C // heads)
+    if not keep:
+        del h1
     q, k, v = qkv.unbind(3)
     na, *na_args = resolve_call(q, k, v, cfg.kernel_size, cfg.dilation, 1, False, rpb, cfg.scale, cfg.backend, 2)
     o, lse = NA_BACKENDS[na].fwd(q, k, v, rpb, *na_args)
+    if not keep:
+        del qkv, q, k, v, lse
     a1 = F.linear(o.view(B, H, W, C), wp, bp)
+    if not keep:
+        del o
     t = a1 if gamma1 is None else gamma1 * a1
     mask1 = _drop_mask(t, cfg.drop_path1, cfg.scale_by_keep) if training and cfg.drop_path1 else None
     if mask1 is not None:
         t = t * mask1
     norm2, _, eps2 = _resolve_norm(s, t, n2w, n2b, cfg.eps2, cd, cfg.norm_backend)
     h2, s2, mean2, rstd2 = NORM_BACKENDS[norm2].fwd(s, t, n2w, n2b, eps2, cd)
+    if not keep:
+        del s, t, a1
     a = F.linear(h2, w1, b1)
+    if not keep:
+        del h2
+        a = F.gelu(a, approximate=cfg.approximate)
+        m0 = F.linear(a, w2, b2)
+        del a
+        m = m0 if gamma2 is None else gamma2 * m0
+        if training and cfg.drop_path2:
+            m = m * _drop_mask(m, cfg.drop_path2, cfg.scale_by_keep)
+        return s2, m, None
     m0 = F.linear(F.gelu(a, approximate=cfg.approximate), w2, b2)
     m = m0 if gamma2 is None else gamma2 * m0
     mask2 = _drop_mask(m, cfg.drop_path2, cfg.scale_by_keep) if training and cfg.drop_path2 else None
@@ -286,4 +304,4 @@ def na_block(x: Tensor, y: Optional[Tensor], norm1_weight: Optional[Tensor], nor
     if torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad)
                                     or any(t is not None and t.requires_grad for t in p)):
         return _NABlock.apply(x, y, *p, cfg, training)
-    return _forward(x, y, p, cfg, training)[:2]
+    return _forward(x, y, p, cfg, training, keep=False)[:2]

@@ -10,7 +10,8 @@ of kernel intervals), the share of the wall the GPU was idle (host bound when la
 kernels grouped by name with their total time and call count. ``--compile`` profiles the
 ``torch.compile``-d model. ``--host`` adds where the host time goes: the wall time per step without
 the profiler, and a ``cProfile`` of the steps (the Python functions with the most own time per step,
-C functions such as kernel launches included).
+C functions such as kernel launches included). ``--ops`` adds the host side of the profiled steps:
+the operators (aten ops, autograd nodes, kernel launches) with the most own CPU time per step.
 """
 import argparse
 import cProfile
@@ -86,6 +87,12 @@ def profile(name: str, mode: str, args) -> str:
              "| kernel | ms/step | calls/step |", "|---|---:|---:|"]
     for key in sorted(total, key=total.get, reverse=True)[:args.top]:
         lines.append(f"| `{key}` | {total[key] / args.steps / 1e3:.3f} | {count[key] / args.steps:.0f} |")
+    if args.ops:
+        lines += ["", f"host operators (own CPU time under torch.profiler, which inflates it):", "",
+                  "| operator | own CPU ms/step | calls/step |", "|---|---:|---:|"]
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        for e in ops[:args.top]:
+            lines.append(f"| `{e.key[:90]}` | {e.self_cpu_time_total / args.steps / 1e3:.3f} | {e.count / args.steps:.0f} |")
     if args.host:
         lines += ["", *_host_lines(step, args)]
     return "\n".join(lines) + "\n"
@@ -127,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE")
     p.add_argument("--host", action="store_true", help="also the wall without the profiler and a cProfile of the steps")
+    p.add_argument("--ops", action="store_true", help="also the operators with the most own CPU time")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
