@@ -16,6 +16,7 @@ synchronize.
 
     python tools/bench_host.py                   # CPU, kernel launches stubbed
     python tools/bench_host.py --device cuda     # real launches on a GPU
+    python tools/bench_host.py --device cuda --blocks   # also whole NAT and Swin blocks
 """
 import argparse
 import os
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dilation", type=int, default=2)
     parser.add_argument("--number", type=int, default=200, help="calls per timing (default: 200)")
     parser.add_argument("--repeat", type=int, default=9, help="timings; the fastest is reported (default: 9)")
+    parser.add_argument("--blocks", action="store_true",
+                        help="also one NAT block (one autograd node, and its modules) beside one timm Swin block "
+                             "on a tiny map, forward and forward+backward under bf16 autocast")
     args = parser.parse_args(argv)
 
     if args.device == "cpu":
@@ -46,7 +50,8 @@ def main(argv=None) -> int:
             def __getitem__(self, grid):
                 return lambda *a, **kw: None
 
-        for launcher in (nt._FWD, nt._DQ, nt._DKDV, nt._TABLE):
+        import foveal.kernels.norm_triton as nm
+        for launcher in (nt._FWD, nt._DQ, nt._DKDV, nt._TABLE, nm._FWD, nm._BWD):
             launcher.fn = _NoLaunch()
         torch.set_num_threads(1)
     elif not torch.cuda.is_available():
@@ -101,14 +106,69 @@ def main(argv=None) -> int:
         ("forward+backward, custom-op dispatcher", host_us(train_custom_op), sdpa_fb),
     ]
 
+    if args.blocks:
+        rows += _block_rows(dev, host_us)
+
     launches = "stubbed (no-op)" if dev.type == "cpu" else "real"
     print(f"device {args.device}, kernel launches {launches}, q/k/v [{B}, {H}, {W}, {heads}, {D}] "
           f"(slices of one qkv tensor), kernel_size {ks}, dilation {dil}, rpb nn.Parameter; "
           f"torch {torch.__version__}; fastest of {args.repeat} x {args.number} calls")
     print("\n| path | NA host us / call | SDPA host us / call | NA / SDPA |\n|---|---:|---:|---:|")
     for label, us, ref in rows:
+        if ref is None:
+            continue
         print(f"| {label} | {us:.1f} | {ref:.1f} | {us / ref:.2f}x |")
+    if args.blocks:
+        print("\n| block, 2x14x14x256, 8 heads, window 7, bf16 autocast | host us / call |\n|---|---:|")
+        for label, us, ref in rows:
+            if ref is None:
+                print(f"| {label} | {us:.1f} |")
     return 0
+
+
+def _block_rows(dev, host_us) -> list:
+    """Host time of whole blocks: a NAT block (mlp ratio 3, DropPath on) as one autograd node and
+    through its modules (``FOVEAL_NA_BLOCK=0``), and timm's shifted Swin block (mlp ratio 4)."""
+    import torch
+    from timm.models.swin_transformer import SwinTransformerBlock
+    from foveal.nat import NATBlock
+
+    torch.manual_seed(0)
+    C, heads, S = 256, 8, 14
+    nat = NATBlock(C, heads, 7, 1, mlp_ratio=3., drop_path=0.1).to(dev).train()
+    swin = SwinTransformerBlock(C, (S, S), heads, window_size=7, shift_size=3, drop_path=0.1).to(dev).train()
+    x = torch.randn(2, S, S, C, device=dev, requires_grad=True)
+    g = torch.randn(2, S, S, C, device=dev)
+    amp = (lambda: torch.autocast(dev.type, torch.bfloat16))
+
+    def fwd(m):
+        def f():
+            with torch.no_grad(), amp():
+                m(x)
+        return f
+
+    def fb(m):
+        def f():
+            with amp():
+                y = m(x)
+            y.backward(g)
+        return f
+
+    rows = []
+    old = os.environ.get("FOVEAL_NA_BLOCK")
+    try:
+        for flag, label in (("1", "NAT block, one node"), ("0", "NAT block, modules (FOVEAL_NA_BLOCK=0)")):
+            os.environ["FOVEAL_NA_BLOCK"] = flag
+            rows += [(f"{label}, forward, no grad", host_us(fwd(nat)), None),
+                     (f"{label}, forward+backward", host_us(fb(nat)), None)]
+    finally:
+        if old is None:
+            os.environ.pop("FOVEAL_NA_BLOCK", None)
+        else:
+            os.environ["FOVEAL_NA_BLOCK"] = old
+    rows += [("Swin block (timm), forward, no grad", host_us(fwd(swin)), None),
+             ("Swin block (timm), forward+backward", host_us(fb(swin)), None)]
+    return rows
 
 
 def _forced_custom_op(nbh, fn):
