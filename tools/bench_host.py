@@ -106,6 +106,7 @@ def main(argv=None) -> int:
         ("forward+backward, custom-op dispatcher", host_us(train_custom_op), sdpa_fb),
     ]
 
+    parts = _engine_rows(dev, nbh, q, k, v, rpb, grad, ks, dil, host_us)
     if args.blocks:
         rows += _block_rows(dev, host_us)
 
@@ -118,12 +119,49 @@ def main(argv=None) -> int:
         if ref is None:
             continue
         print(f"| {label} | {us:.1f} | {ref:.1f} | {us / ref:.2f}x |")
+    print("\n| where a forward+backward goes | host us / call |\n|---|---:|")
+    for label, us in parts:
+        print(f"| {label} | {us:.1f} |")
     if args.blocks:
         print("\n| block, 2x14x14x256, 8 heads, window 7, bf16 autocast | host us / call |\n|---|---:|")
         for label, us, ref in rows:
             if ref is None:
                 print(f"| {label} | {us:.1f} |")
     return 0
+
+
+def _engine_rows(dev, nbh, q, k, v, rpb, grad, ks, dil, host_us) -> list:
+    """The parts of an NA forward+backward: the backend's forward and backward called directly (no
+    autograd), and the autograd engine's own cost for one node, a Python ``autograd.Function`` (as
+    the NA op's eager path records) against a C++ one (an aten op), on the same tiny tensor. On a
+    GPU the engine runs backward nodes on a device thread, which a Python node must hand the GIL to."""
+    import torch
+    from foveal.kernels.neighborhood import resolve_call
+
+    name, *na_args = resolve_call(q, k, v, ks, dil, 1, False, rpb, None, "triton", 2)
+    backend = nbh.NA_BACKENDS[name]
+
+    def direct():
+        out, lse = backend.fwd(q.detach(), k.detach(), v.detach(), rpb.detach(), *na_args)
+        backend.bwd(grad, q.detach(), k.detach(), v.detach(), rpb.detach(), out, lse, None, *na_args)
+
+    class _Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    x = torch.randn(8, device=dev, requires_grad=True)
+    gx = torch.ones(8, device=dev)
+    python_node = host_us(lambda: _Twice.apply(x).backward(gx))
+    aten_node = host_us(lambda: (x * 2).backward(gx))
+    return [("NA forward then backward, backends called directly (no autograd)", host_us(direct)),
+            ("autograd: x * 2 as a Python autograd.Function, forward+backward", python_node),
+            ("autograd: x * 2 as an aten op, forward+backward", aten_node),
+            ("  difference: a Python node's extra cost", python_node - aten_node)]
 
 
 def _block_rows(dev, host_us) -> list:
