@@ -105,6 +105,11 @@ def test_gpu_reduce_overhead_inference_and_training():
     x = torch.randn(2, 3, 224, 224, device="cuda")
     compiled = torch.compile(model, mode="reduce-overhead")
     for _ in range(3):  # warm-up, recording, replay
+        # a training loop's step: the gradients of the last replay are graph outputs that the next one
+        # overwrites, so they are dropped (zero_grad(set_to_none=True)), not accumulated into
+        for p in model.parameters():
+            p.grad = None
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", torch.bfloat16):
             out = compiled(x)
         out.float().square().mean().backward()
@@ -112,6 +117,7 @@ def test_gpu_reduce_overhead_inference_and_training():
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
             got = compiled(x).clone()
         ref = model(x)
     assert _rel(got, ref) < 2e-2
