@@ -170,18 +170,17 @@ def _forward(x, y, p, cfg: NABlockConfig, training: bool, keep: bool = True):
     a = F.linear(h2, w1, b1)
     if not keep:
         del h2
-        a = F.gelu(a, approximate=cfg.approximate)
-        m0 = F.linear(a, w2, b2)
+    g = F.gelu(a, approximate=cfg.approximate)  # the backward recomputes it from a
+    if not keep:
         del a
-        m = m0 if gamma2 is None else gamma2 * m0
-        if training and cfg.drop_path2:
-            m = m * _drop_mask(m, cfg.drop_path2, cfg.scale_by_keep)
-        return s2, m, None
-    m0 = F.linear(F.gelu(a, approximate=cfg.approximate), w2, b2)
+    m0 = F.linear(g, w2, b2)
+    del g
     m = m0 if gamma2 is None else gamma2 * m0
     mask2 = _drop_mask(m, cfg.drop_path2, cfg.scale_by_keep) if training and cfg.drop_path2 else None
     if mask2 is not None:
         m = m * mask2
+    if not keep:
+        return s2, m, None
     saved = (s, mean1, rstd1, qkv, o, lse, a1 if gamma1 is not None else None, t.dtype, mask1, s2, mean2, rstd2,
              a, m0 if gamma2 is not None else None, mask2, wqkv, wp, w1, w2,
              _Plan(na, tuple(na_args), norm1, norm2, cd, eps1, eps2))
