@@ -88,7 +88,7 @@ def profile(name: str, mode: str, args) -> str:
     for key in sorted(total, key=total.get, reverse=True)[:args.top]:
         lines.append(f"| `{key}` | {total[key] / args.steps / 1e3:.3f} | {count[key] / args.steps:.0f} |")
     if args.ops:
-        lines += ["", f"host operators (own CPU time under torch.profiler, which inflates it):", "",
+        lines += ["", "host operators (own CPU time under torch.profiler, which inflates it):", "",
                   "| operator | own CPU ms/step | calls/step |", "|---|---:|---:|"]
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         for e in ops[:args.top]:
